@@ -1,0 +1,183 @@
+"""The method registry: each merge method is a pure tensor function plus a declaration of its parameters.
+
+The registry validates names, types, ranges, required and unknown keys before any tensor is touched, so
+method functions may assume valid input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mergesmith.errors import MergeError, did_you_mean
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter. ``per_model`` parameters take one value per input model."""
+
+    name: str
+    kind: type
+    default: Any = REQUIRED
+    per_model: bool = False
+    interval: tuple[float, float] | None = None  # closed bounds
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+    arg: str = ""  # the Python keyword the function receives, when the recipe name is reserved ("lambda")
+
+    @property
+    def argument(self) -> str:
+        return self.arg or self.name
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce ``value`` to this parameter's type or raise a MergeError naming ``where``."""
+        if self.choices is not None:
+            if value not in self.choices:
+                options = ", ".join(repr(c) for c in self.choices)
+                raise MergeError(f"{where}: '{self.name}' must be one of {options}, got {value!r}")
+            return value
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise MergeError(f"{where}: '{self.name}' must be true or false, got {value!r}")
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MergeError(f"{where}: '{self.name}' must be a number, got {value!r}")
+            value = self.kind(value)
+            if self.interval is not None:
+                low, high = self.interval
+                if not low <= value <= high:
+                    raise MergeError(f"{where}: '{self.name}' must lie in [{low}, {high}], got {value}")
+            return value
+        if not isinstance(value, self.kind):
+            raise MergeError(f"{where}: '{self.name}' must be a {self.kind.__name__}, got {value!r}")
+        return value
+
+
+BasePolicy = Literal["ignored", "required", "optional"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: ``function(base, tensors, **params)`` returns the merged tensor.
+
+    ``base`` is the base model's tensor (``None`` when the method ignores it or none is given) and
+    ``tensors`` the other inputs' tensors, all in the compute dtype on one device. Per-model parameters
+    arrive as tuples aligned with ``tensors``; random methods also get ``generator``.
+    """
+
+    name: str
+    function: Callable[..., Any]
+    params: tuple[Param, ...]
+    base: BasePolicy
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    reference: str = ""
+    summary: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def check_keys(self, keys: Any, where: str, per_model: bool) -> None:
+        """Reject keys this method does not know (or knows only at the other scope)."""
+        known = {p.name for p in self.params if p.per_model or not per_model}
+        for key in keys:
+            if key not in known:
+                raise MergeError(
+                    f"{where}: unknown parameter '{key}' for method '{self.name}'{did_you_mean(key, known)}"
+                )
+
+
+    def check_inputs(self, has_base: bool, n_models: int, where: str) -> None:
+        """Enforce the method's contract on the number of inputs and the presence of a base."""
+        if self.base == "required" and not has_base:
+            raise MergeError(f"{where}: method '{self.name}' needs a base_model")
+        if n_models < self.min_models:
+            raise MergeError(f"{where}: method '{self.name}' needs at least {self.min_models} model(s) besides "
+                             f"the base, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise MergeError(f"{where}: method '{self.name}' takes at most {self.max_models} model(s) besides "
+                             f"the base, got {n_models}")
+
+    def bind(self, shared: dict[str, Any], per_model: list[dict[str, Any]], where: str) -> dict[str, Any]:
+        """Validate parameter values, fill defaults, and return the keyword arguments of ``function``.
+
+        ``shared`` holds global values; ``per_model[i]`` the values set for input i (a per-model parameter
+        set globally applies to every model, as in mergekit).
+        """
+        self.check_keys(shared, where, per_model=False)
+        for values in per_model:
+            self.check_keys(values, where, per_model=True)
+        kwargs: dict[str, Any] = {}
+        for p in self.params:
+            if p.per_model:
+                column = []
+                for i, values in enumerate(per_model):
+                    value = values.get(p.name, shared.get(p.name, p.default))
+                    if value is REQUIRED:
+                        raise MergeError(f"{where}: model {i} has no value for required parameter '{p.name}'")
+                    column.append(p.validate(value, where))
+                kwargs[p.argument] = tuple(column)
+            else:
+                value = shared.get(p.name, p.default)
+                if value is REQUIRED:
+                    raise MergeError(f"{where}: method '{self.name}' needs parameter '{p.name}'")
+                kwargs[p.argument] = p.validate(value, where)
+        return kwargs
+
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: BasePolicy = "required",
+             min_models: int = 1, max_models: int | None = None, random: bool = False,
+             reference: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator that declares a merge method; the function's first docstring line is its summary."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _METHODS:
+            raise ValueError(f"merge method '{name}' is registered twice")
+        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+        _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
+                                     reference, summary)
+        return function
+
+    return decorate
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as ``name``; an unknown name is a MergeError suggesting the closest."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown merge_method '{name}'{did_you_mean(name, _METHODS)}") from None
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameters: list[dict[str, Any]] | None = None,
+                  generator: Any = None, **parameters: Any) -> Any:
+    """Merge one tensor in memory: ``merge_tensors("ties", base, [t1, t2], density=0.5, lambda_=...)``.
+
+    Global parameters are keywords (``lambda`` may be passed as ``**{"lambda": 0.7}``); per-model values go
+    in ``model_parameters`` (one dict per tensor) or as a global default. Tensors are used as given, so
+    pass float32 or float64.
+    """
+    spec = get_method(method)
+    spec.check_inputs(base is not None, len(tensors), f"merge_tensors('{method}')")
+    kwargs = spec.bind(parameters, model_parameters or [{} for _ in tensors], f"merge_tensors('{method}')")
+    if spec.random:
+        if generator is None:
+            raise MergeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
+        kwargs["generator"] = generator
+    return spec.function(base if spec.base != "ignored" else None, list(tensors), **kwargs)

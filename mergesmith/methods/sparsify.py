@@ -1,0 +1,119 @@
+"""Task-vector sparsifiers and the sign-consensus combine of TIES, DARE and Model Breadcrumbs.
+
+All masks keep exactly the documented number of entries; ties in magnitude are broken by position
+(lower flat index first), so results are deterministic (mergekit's argsort leaves that order unspecified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many entries a magnitude trim keeps: ⌊density·n⌋, but at least one when density > 0."""
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
+def _rank_ascending(magnitude: Tensor) -> Tensor:
+    """Flat indices sorted by magnitude, ties by position."""
+    return torch.sort(magnitude.reshape(-1), stable=True).indices
+
+
+def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Boolean mask of the ``keep_count`` largest-|delta| entries (TIES trim).
+
+    Found by selection (kthvalue, O(n)) rather than a full sort; entries equal to the threshold are
+    taken in index order until the count is met.
+    """
+    numel = delta.numel()
+    k = keep_count(numel, density)
+    if k >= numel:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    magnitude = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(magnitude, numel - k + 1).values
+    mask = magnitude > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        at_threshold = (magnitude == threshold).nonzero().squeeze(1)[:missing]
+        mask[at_threshold] = True
+    return mask.reshape(delta.shape)
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs (arXiv:2312.06795): drop the ⌊γn⌋ largest magnitudes as outliers and the smallest
+    ones so that ⌊density·n⌋ entries remain.
+
+    When outliers plus kept entries exceed n, fewer outliers are dropped (the kept count wins), as in
+    mergekit 0.1.5. Unlike older mergekit releases, a tensor with fewer than 1/γ elements (no outliers)
+    keeps its top ⌊density·n⌋ entries instead of becoming all zeros.
+    """
+    numel = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    kept = int(density * numel)
+    outliers = int(gamma * numel)
+    dropped_small = max(0, numel - kept - outliers)
+    order = _rank_ascending(delta.abs())
+    mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
+    mask[order[dropped_small:dropped_small + kept]] = True
+    return mask.reshape(delta.shape)
+
+
+def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """DARE's random keep-mask: each entry kept independently with probability ``density``.
+
+    Drawn on the CPU from ``generator`` so that a seed gives the same mask on every device.
+    """
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    return (draws < density).to(delta.device)
+
+
+def rescale_masked(delta: Tensor, mask: Tensor, density: float, rescale: str) -> Tensor:
+    """Apply ``mask`` and rescale what survives.
+
+    ``inverse_density``: divide by the keep probability, the DARE paper's unbiased 1/(1−p) rescale.
+    ``l1``: match the L1 norm of the unmasked delta (mergekit 0.1.5's ``rescale: true``).
+    ``none``: no rescale. A zero density or an all-zero result returns zeros, never NaN.
+    """
+    masked = delta * mask
+    if rescale == "none":
+        return masked
+    if rescale == "inverse_density":
+        return masked / density if density > 0 else masked
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def consensus_combine(weighted: Tensor, weights: Tensor, *, elect_sign: bool, normalize: bool) -> Tensor:
+    """Combine weighted task vectors ``weighted`` (n, *shape) with per-model ``weights`` (n,).
+
+    Without sign election: Σ_i w_i τ_i, divided by Σ_i w_i when ``normalize`` (a near-zero sum is treated
+    as 1). With election (TIES): the sign of Σ_i w_i τ_i is elected per entry; only entries whose weighted
+    sign agrees with it are summed, and ``normalize`` divides by the summed weights of the agreeing
+    models (1 where none agree). A zero entry has no sign and never agrees.
+    """
+    weights = weights.reshape((-1,) + (1,) * (weighted.dim() - 1))
+    if elect_sign:
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+        agrees = weighted.sign() == elected
+        total = torch.where(agrees, weighted, 0).sum(dim=0)
+        divisor = torch.where(agrees, weights, 0).sum(dim=0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        total = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+    return total / divisor if normalize else total

@@ -1,0 +1,174 @@
+"""Weighted averages and the task-vector family: task arithmetic, TIES, DARE and Model Breadcrumbs.
+
+Notation: base θ_0, inputs θ_i, task vectors τ_i = θ_i − θ_0, per-model weights w_i, global scale λ.
+Every task-vector method returns θ_0 + λ·combine(w_i · sparsify(τ_i)) with ``consensus_combine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mergesmith.errors import MergeError
+from mergesmith.methods.registry import Param, register
+from mergesmith.methods.sparsify import (
+    bernoulli_mask,
+    breadcrumbs_mask,
+    consensus_combine,
+    rescale_masked,
+    top_magnitude_mask,
+)
+
+WEIGHT = Param("weight", float, 1.0, per_model=True, help="model weight w_i")
+DENSITY = Param("density", float, 1.0, per_model=True, interval=(0.0, 1.0), help="fraction of τ_i kept")
+LAMBDA = Param("lambda", float, 1.0, arg="scale", help="scale λ of the combined task vector")
+INT8_MASK = Param("int8_mask", bool, False, help="accepted for mergekit recipes; masks are boolean here")
+RESCALE_CHOICES = ("inverse_density", "l1", "none")
+
+
+def _rescale_param(default: str) -> Param:
+    return Param("rescale", str, default, choices=(True, False, *RESCALE_CHOICES),
+                 help="rescale after the drop: inverse_density (DARE paper), l1 (mergekit), none")
+
+
+def _rescale_mode(rescale: bool | str, default_when_true: str) -> str:
+    # mergekit spells the switch as a boolean: `true` means its L1-norm rescale for magnitude trims, and
+    # for DARE we keep the paper's 1/density (see docs/methods.md).
+    if rescale is True:
+        return default_when_true
+    if rescale is False:
+        return "none"
+    return rescale
+
+
+@register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True)],
+          reference="arXiv:2203.05482")
+def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
+    """Weighted average: Σ_i w_i θ_i / Σ_i w_i (without ``normalize``: Σ_i w_i θ_i). The base is not used."""
+    total = torch.zeros_like(tensors[0])
+    for tensor, w in zip(tensors, weight):
+        total.add_(tensor, alpha=w)
+    if not normalize:
+        return total
+    weight_sum = sum(weight)
+    if abs(weight_sum) < 1e-12:
+        raise MergeError("linear: the model weights sum to zero; set normalize: false or change the weights")
+    return total.div_(weight_sum)
+
+
+def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *, scale: float,
+                      normalize: bool, elect_sign: bool,
+                      sparsify: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
+    """θ_0 + λ · consensus_combine(w_i · sparsify(τ_i)); ``sparsify(τ_i, i)`` may drop entries."""
+    if not tensors:
+        return base.clone()
+    weighted = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for i, tensor in enumerate(tensors):
+        delta = torch.sub(tensor, base, out=weighted[i])
+        if sparsify is not None:
+            weighted[i] = sparsify(delta, i)
+        weighted[i].mul_(weights[i])
+    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
+    combined = consensus_combine(weighted, w, elect_sign=elect_sign, normalize=normalize)
+    if scale != 1:
+        combined.mul_(scale)
+    return combined.add_(base)
+
+
+@register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False), INT8_MASK],
+          reference="arXiv:2212.04089")
+def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], scale: float,
+                    normalize: bool, int8_mask: bool) -> Tensor:
+    """Task arithmetic: θ_0 + λ Σ_i w_i τ_i (divided by Σ_i w_i when ``normalize``)."""
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=False)
+
+
+def _magnitude_trim(density: Sequence[float], rescale: str) -> Callable[[Tensor, int], Tensor]:
+    def trim(delta: Tensor, i: int) -> Tensor:
+        if density[i] >= 1:
+            return delta
+        return rescale_masked(delta, top_magnitude_mask(delta, density[i]), density[i], rescale)
+    return trim
+
+
+@register("ties", params=[WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, True), _rescale_param("none"),
+                          INT8_MASK], reference="arXiv:2306.01708")
+def ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
+         scale: float, normalize: bool, rescale: bool | str, int8_mask: bool) -> Tensor:
+    """TIES: trim τ_i to its top ⌊density·n⌋ magnitudes (at least one), elect per entry the sign of
+    Σ_i w_i τ̂_i (ties go to +), sum the w_i τ̂_i that agree with it and divide by the summed w_i of the
+    agreeing models; θ = θ_0 + λ·that. This is mergekit's definition ("sum" consensus, weighted
+    denominator); with ``normalize: false`` the agreeing sum is not divided.
+    """
+    trim = _magnitude_trim(density, _rescale_mode(rescale, "l1"))
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=True,
+                             sparsify=trim)
+
+
+def _dare_drop(density: Sequence[float], rescale: str, generator: torch.Generator):
+    def drop(delta: Tensor, i: int) -> Tensor:
+        if density[i] >= 1:
+            return delta
+        return rescale_masked(delta, bernoulli_mask(delta, density[i], generator), density[i], rescale)
+    return drop
+
+
+DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False), _rescale_param("inverse_density"),
+               INT8_MASK]
+
+
+@register("dare_linear", params=DARE_PARAMS, random=True, reference="arXiv:2311.03099")
+def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
+                scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
+                generator: torch.Generator) -> Tensor:
+    """DARE: keep each entry of τ_i with probability p = density, divide survivors by p (the paper's
+    1/(1−drop) rescale; ``rescale: l1`` gives mergekit's L1-norm match), then task arithmetic."""
+    drop = _dare_drop(density, _rescale_mode(rescale, "inverse_density"), generator)
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=False,
+                             sparsify=drop)
+
+
+@register("dare_ties", params=DARE_PARAMS, random=True, reference="arXiv:2311.03099")
+def dare_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
+              scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
+              generator: torch.Generator) -> Tensor:
+    """DARE drop-and-rescale of each τ_i, then TIES sign election and disjoint sum (as ``ties``)."""
+    drop = _dare_drop(density, _rescale_mode(rescale, "inverse_density"), generator)
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=True,
+                             sparsify=drop)
+
+
+GAMMA = Param("gamma", float, 0.01, per_model=True, interval=(0.0, 1.0), help="fraction of outliers dropped")
+BREADCRUMB_PARAMS = [WEIGHT, DENSITY, GAMMA, LAMBDA, Param("normalize", bool, False), _rescale_param("none"),
+                     INT8_MASK]
+
+
+def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> Callable[[Tensor, int], Tensor]:
+    def crumb(delta: Tensor, i: int) -> Tensor:
+        if density[i] >= 1:
+            return delta
+        return rescale_masked(delta, breadcrumbs_mask(delta, density[i], gamma[i]), density[i], rescale)
+    return crumb
+
+
+@register("breadcrumbs", params=BREADCRUMB_PARAMS, reference="arXiv:2312.06795")
+def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
+                gamma: Sequence[float], scale: float, normalize: bool, rescale: bool | str,
+                int8_mask: bool) -> Tensor:
+    """Model Breadcrumbs: drop the largest ⌊γn⌋ and the smallest entries of each τ_i so ⌊density·n⌋
+    remain (``breadcrumbs_mask``), then task arithmetic."""
+    crumb = _crumbs(density, gamma, _rescale_mode(rescale, "l1"))
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=False,
+                             sparsify=crumb)
+
+
+@register("breadcrumbs_ties", params=BREADCRUMB_PARAMS, reference="arXiv:2312.06795")
+def breadcrumbs_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float],
+                     density: Sequence[float], gamma: Sequence[float], scale: float, normalize: bool,
+                     rescale: bool | str, int8_mask: bool) -> Tensor:
+    """Model Breadcrumbs trim of each τ_i, then TIES sign election and disjoint sum (as ``ties``)."""
+    crumb = _crumbs(density, gamma, _rescale_mode(rescale, "l1"))
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=True,
+                             sparsify=crumb)
