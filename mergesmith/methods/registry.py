@@ -90,6 +90,9 @@ class MergeMethod:
         """Reject keys this method does not know (or knows only at the other scope)."""
         known = {p.name for p in self.params if p.per_model or not per_model}
         for key in keys:
+            if per_model and key in {p.name for p in self.params if not p.per_model}:
+                raise MergeError(f"{where}: '{key}' is a global parameter of '{self.name}'; set it under the "
+                                 f"recipe's (or slice's) parameters, not a model's")
             if key not in known:
                 raise MergeError(
                     f"{where}: unknown parameter '{key}' for method '{self.name}'{did_you_mean(key, known)}"

@@ -1,0 +1,323 @@
+"""Plan a merge as one job per output tensor, then stream the jobs with bounded memory.
+
+Reading (a prefetch thread), computing (this thread, float32 on the chosen device) and writing (the
+writer's thread) overlap. At most ``prefetch`` jobs' inputs are in memory at once, plus the output shard
+being filled and the one being written: peak memory is O(models × largest tensor + one shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergesmith.config import Recipe, resolve
+from mergesmith.errors import MergeError
+from mergesmith.io.checkpoint import TensorSource
+from mergesmith.methods import MergeMethod, get_method
+
+# A layer tensor: "<stack>.<index>.<rest>", e.g. model.layers.3.mlp.up_proj.weight or transformer.h.0.attn.c_attn.weight
+LAYER_NAME = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    source: TensorSource
+    key: str
+
+
+@dataclass
+class Job:
+    """One output tensor: which inputs to read and how to combine them."""
+
+    name: str
+    method: MergeMethod
+    base: TensorInput | None
+    inputs: list[TensorInput]
+    kwargs: dict[str, Any]
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype | None
+
+    @property
+    def reads(self) -> list[TensorInput]:
+        return ([self.base] if self.base is not None else []) + self.inputs
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    method: MergeMethod
+    sources: list[TensorSource]
+    reference: TensorSource
+    layer_counts: dict[str, int] = field(default_factory=dict)  # output layers per stack
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    match = LAYER_NAME.match(name)
+    return (match["stack"], int(match["index"]), match["rest"]) if match else None
+
+
+@dataclass(frozen=True)
+class _Source:
+    model: str
+    layer_start: int
+    length: int | None  # None: every layer of the model
+    parameters: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: list[_Source]
+    base_model: str | None
+    parameters: dict[str, Any] | None
+
+    def length(self, available: int) -> int:
+        lengths = {s.length for s in self.sources if s.length is not None}
+        if len(lengths) > 1:
+            raise MergeError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return lengths.pop() if lengths else available
+
+
+def _normalised_slices(recipe: Recipe, uses_base: bool) -> list[_Slice]:
+    """Both recipe forms as slices; ``models:`` is one slice over all layers, plus the base if unlisted."""
+    if recipe.models is not None:
+        sources = [_Source(m.model, 0, None, m.parameters) for m in recipe.models]
+        if uses_base and recipe.base_model not in (None, *(m.model for m in recipe.models)):
+            sources.append(_Source(recipe.base_model, 0, None, None))
+        return [_Slice(sources, recipe.base_model, None)]
+    return [_Slice([_Source(src.model, src.layer_range[0], src.layer_range[1] - src.layer_range[0], src.parameters)
+                    for src in out.sources], out.base_model or recipe.base_model, out.parameters)
+            for out in recipe.slices or []]
+
+
+def _check_shapes(job_name: str, reads: list[TensorInput]) -> tuple[int, ...]:
+    """The common shape of a job's inputs; a missing tensor or a mismatch is a MergeError."""
+    shapes = []
+    for read in reads:
+        try:
+            shapes.append(read.source.shape(read.key))
+        except KeyError:
+            raise MergeError(f"tensor '{read.key}' is missing from model '{read.source.name}' "
+                             f"(needed for output '{job_name}')") from None
+    first = reads[0]
+    for read, shape in zip(reads, shapes):
+        if shape != shapes[0]:
+            hint = " Is one checkpoint transposed?" if tuple(reversed(shape)) == shapes[0] else ""
+            raise MergeError(f"Shape mismatch for '{job_name}': '{first.source.name}' has {shapes[0]}, "
+                             f"'{read.source.name}' has {shape}.{hint}")
+    return shapes[0]
+
+
+def _check_same_keys(sources: list[TensorSource], reference: TensorSource) -> None:
+    expected = set(reference.keys())
+    for source in sources:
+        if source is reference:
+            continue
+        keys = set(source.keys())
+        missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"'{source.name}' lacks {_first(missing)}")
+            if unexpected:
+                parts.append(f"'{source.name}' has unexpected {_first(unexpected)}")
+            raise MergeError(f"tensor names differ from '{reference.name}': {'; '.join(parts)}. "
+                             f"Are they the same architecture?")
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(f"'{x}'" for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _seed_for(seed: int, name: str) -> int:
+    """A per-tensor seed, so random methods do not depend on execution order."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, method: MergeMethod, source: Callable[[str], TensorSource]):
+        self.recipe, self.method, self.source = recipe, method, source
+        self.uses_base = method.base != "ignored"
+
+    def job(self, name: str, out_slice: _Slice, key_of: Callable[[_Source], str], t: float) -> Job:
+        base_model = out_slice.base_model if self.uses_base else None
+        base_src = next((s for s in out_slice.sources if s.model == base_model), None)
+        if base_model is not None and base_src is None:
+            raise MergeError(f"base_model '{base_model}' must be one of the slice's sources")
+        others = [s for s in out_slice.sources if s is not base_src]
+        where = f"tensor '{name}'"
+        self.method.check_inputs(base_src is not None, len(others), where)
+        base = TensorInput(self.source(base_src.model), key_of(base_src)) if base_src else None
+        inputs = [TensorInput(self.source(s.model), key_of(s)) for s in others]
+        shape = _check_shapes(name, ([base] if base else []) + inputs)
+        shared_scopes = [out_slice.parameters, self.recipe.parameters]
+        shared = resolve(shared_scopes, name, t)
+        per_model = [resolve([s.parameters], key_of(s), t) for s in others]
+        for values in per_model:  # per-model keys set on the slice or globally apply to every model
+            for key, value in shared.items():
+                if self._is_per_model(key):
+                    values.setdefault(key, value)
+        shared_only = {k: v for k, v in shared.items() if not self._is_per_model(k)}
+        kwargs = self.method.bind(shared_only, per_model, where)
+        return Job(name, self.method, base, inputs, kwargs, shape, self.recipe.output_dtype)
+
+    def _is_per_model(self, key: str) -> bool:
+        try:
+            return self.method.param(key).per_model
+        except KeyError:
+            return False
+
+
+def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource]) -> Plan:
+    """Turn a recipe into one job per output tensor; every input is checked before anything is read."""
+    method = get_method(recipe.merge_method)
+    cache: dict[str, TensorSource] = {}
+
+    def source(model: str) -> TensorSource:
+        if model not in cache:
+            cache[model] = open_source(model)
+        return cache[model]
+
+    uses_base = method.base != "ignored"
+    if method.base == "required" and recipe.base_model is None and all(
+            s.base_model is None for s in recipe.slices or []):
+        raise MergeError(f"method '{method.name}' needs a base_model in the recipe")
+    slices = _normalised_slices(recipe, uses_base)
+    first_slice = slices[0]
+    reference_model = first_slice.base_model if uses_base and first_slice.base_model else first_slice.sources[0].model
+    reference = source(reference_model)
+    if recipe.models is not None:
+        _check_same_keys([source(s.model) for s in first_slice.sources], reference)
+
+    layered: dict[str, dict[int, list[str]]] = {}
+    pre, post = [], []
+    for key in reference.keys():
+        parts = split_layer_name(key)
+        if parts:
+            layered.setdefault(parts[0], {}).setdefault(parts[1], []).append(parts[2])
+        elif any(h in key for h in EMBEDDING_HINTS):
+            pre.append(key)
+        else:
+            post.append(key)
+    if recipe.slices is not None and len(layered) != 1:
+        raise MergeError(f"'slices' need a model with one stack of layers; found {len(layered)} "
+                         f"({', '.join(sorted(layered)) or 'none'})")
+
+    planner = _Planner(recipe, method, source)
+    jobs = [planner.job(key, first_slice, lambda s, k=key: k, 0.0) for key in pre]
+    layer_counts: dict[str, int] = {}
+    for stack, layers in layered.items():
+        out_index = 0
+        for out_slice in slices:
+            length = out_slice.length(len(layers))
+            for offset in range(length):
+                t = offset / (length - 1) if length > 1 else 1.0  # mergekit: t runs 0 → 1 within each slice
+                rests = layers.get(out_slice.sources[0].layer_start + offset) or layers[min(layers)]
+                for rest in rests:
+                    jobs.append(planner.job(f"{stack}.{out_index}.{rest}", out_slice,
+                                            lambda s, o=offset, r=rest, st=stack: f"{st}.{s.layer_start + o}.{r}", t))
+                out_index += 1
+        layer_counts[stack] = out_index
+    jobs += [planner.job(key, slices[-1], lambda s, k=key: k, 0.0) for key in post]
+    return Plan(jobs, method, list(cache.values()), reference, layer_counts)
+
+
+@dataclass
+class MergeSummary:
+    method: str
+    models: list[str]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    output: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
+            seed: int) -> torch.Tensor:
+    """Compute one output tensor from its loaded inputs (base first, when the job has one)."""
+    out_dtype = job.out_dtype or tensors[0].dtype
+    if not tensors[0].is_floating_point():
+        # integer buffers (position ids, masks) are not averaged: they come from the base or first model
+        return tensors[0]
+    work = [t.to(device=device, dtype=compute_dtype, non_blocking=True) for t in tensors]
+    base, others = (work[0], work[1:]) if job.base is not None else (None, work)
+    kwargs = dict(job.kwargs)
+    if job.method.random:
+        kwargs["generator"] = torch.Generator().manual_seed(_seed_for(seed, job.name))
+    result = job.method.function(base, others, **kwargs)
+    if not bool(torch.isfinite(result).all()):
+        raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
+                         f"parameters for this tensor")
+    return result.to(dtype=out_dtype).to("cpu")
+
+
+def _prefetch(plan: Plan, depth: int, stop: threading.Event) -> Iterator[tuple[Job, list[torch.Tensor]]]:
+    """Yield each job with its loaded inputs, reading ahead on a thread by at most ``depth`` jobs."""
+    loaded: queue.Queue = queue.Queue(maxsize=depth)
+
+    def read() -> None:
+        try:
+            for job in plan.jobs:
+                if stop.is_set():
+                    return
+                loaded.put((job, [r.source.get(r.key) for r in job.reads]))
+            loaded.put(None)
+        except BaseException as e:  # re-raised on the consuming thread
+            loaded.put(e)
+
+    reader = threading.Thread(target=read, name="mergesmith-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := loaded.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                loaded.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: str | torch.device = "cpu",
+            compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 2,
+            on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
+    """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda was requested but no CUDA device is available")
+    start = time.perf_counter()
+    bytes_read = bytes_written = 0
+    for job, tensors in _prefetch(plan, prefetch, threading.Event()):
+        bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+        result = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed)
+        bytes_written += result.numel() * result.element_size()
+        sink(job.name, result)
+        if on_tensor is not None:
+            on_tensor(job)
+    return MergeSummary(plan.method.name, [s.name for s in plan.sources], len(plan.jobs), bytes_read,
+                        bytes_written, time.perf_counter() - start, peak_rss_bytes())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,66 @@
+"""What goes beside the weights: config, generation config, tokenizer files and the model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+def write_config(source_dir: Path | None, output: Path, *, layers: tuple[int, int] | None,
+                 dtype: torch.dtype | None) -> None:
+    """Copy config.json (updating the layer count after layer stacking, and the dtype) and
+    generation_config.json from ``source_dir``."""
+    if source_dir is None or not (source_dir / "config.json").exists():
+        return
+    config = json.loads((source_dir / "config.json").read_text())
+    if layers is not None and layers[0] != layers[1]:
+        for key in LAYER_COUNT_KEYS:
+            if config.get(key) == layers[0]:
+                config[key] = layers[1]
+    if dtype in _DTYPE_NAMES:
+        dtype_key = "dtype" if "dtype" in config else "torch_dtype"
+        config[dtype_key] = _DTYPE_NAMES[dtype]
+    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (source_dir / "generation_config.json").exists():
+        shutil.copy2(source_dir / "generation_config.json", output / "generation_config.json")
+
+
+def copy_tokenizer(source_dir: Path | None, output: Path) -> list[str]:
+    """Copy the tokenizer files that exist in ``source_dir``; returns their names."""
+    if source_dir is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).exists():
+            shutil.copy2(source_dir / name, output / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_card(output: Path, *, recipe_yaml: str, method: str, base_model: str | None,
+                     models: list[str], library_name: str | None = "transformers") -> None:
+    """README.md with Hugging Face front matter and the exact recipe."""
+    front = {"base_model": sorted({m for m in [base_model, *models] if m}),
+             "tags": ["merge", "mergesmith"]}
+    if library_name:
+        front["library_name"] = library_name
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             "# Merged model", "",
+             f"This model was merged with [mergesmith](https://pypi.org/project/mergesmith/) using the "
+             f"`{method}` method.", ""]
+    if base_model:
+        lines += [f"Base model: `{base_model}`", ""]
+    lines += ["Models merged:", "", *[f"- `{m}`" for m in models], "", "## Recipe", "", "```yaml",
+              recipe_yaml.rstrip(), "```", ""]
+    (output / "README.md").write_text("\n".join(lines))

@@ -1,0 +1,111 @@
+"""The library's front door: merge a recipe into a Hugging Face directory, or state dicts in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergesmith.config import Recipe, load_recipe, parse_recipe
+from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute
+from mergesmith.errors import MergeError
+from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
+from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
+from mergesmith.io.writer import ShardedWriter, atomic_output_dir, parse_size
+
+
+def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    return parse_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe)
+
+
+def plan_merge(recipe: Recipe | Mapping[str, Any] | str | Path) -> Plan:
+    """Validate a recipe against its checkpoints (names, shapes, parameters) without merging."""
+    recipe = _as_recipe(recipe)
+    return build_plan(recipe, lambda model: CheckpointReader(Path(model), name=model))
+
+
+def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *, device: str = "cpu",
+          max_shard_size: str | int = "5GB", overwrite: bool = False, seed: int = 0,
+          on_tensor: Callable[[Job], None] | None = None, on_plan: Callable[[Plan], None] | None = None
+          ) -> MergeSummary:
+    """Merge the checkpoints a recipe names into a Hugging Face directory at ``output``.
+
+    ``recipe`` is a path to a YAML file, a dict, or a Recipe. Model paths are local (relative paths are
+    taken from the current directory, as in mergekit). The directory is assembled beside ``output`` and
+    renamed into place only once complete.
+    """
+    recipe = _as_recipe(recipe)
+    shard_bytes = parse_size(max_shard_size)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise MergeError(f"output {output} already exists; pass --overwrite to replace it")
+    plan = plan_merge(recipe)
+    if on_plan is not None:
+        on_plan(plan)
+    with atomic_output_dir(output, overwrite) as directory:
+        writer = ShardedWriter(directory, shard_bytes, metadata={"mergesmith_method": plan.method.name})
+        try:
+            summary = execute(plan, writer.add, device=device, seed=seed, on_tensor=on_tensor)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_sidecar_files(recipe, plan, directory)
+    summary.output, summary.files = str(output), files
+    return summary
+
+
+def _write_sidecar_files(recipe: Recipe, plan: Plan, directory: Path) -> None:
+    reference_dir = getattr(plan.reference, "directory", None)
+    tokenizer_dir = reference_dir
+    if recipe.tokenizer_source not in (None, "base"):
+        tokenizer_dir = CheckpointReader(Path(recipe.tokenizer_source)).directory
+    stack_layers = _layer_change(plan)
+    out_dtype = recipe.output_dtype or _first_float_dtype(plan)
+    write_config(reference_dir, directory, layers=stack_layers, dtype=out_dtype)
+    copy_tokenizer(tokenizer_dir, directory)
+    models = sorted({s.name for s in plan.sources} - {recipe.base_model})
+    write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name,
+                     base_model=recipe.base_model, models=models)
+
+
+def _layer_change(plan: Plan) -> tuple[int, int] | None:
+    """(layers in the reference, layers written) for the single layer stack, if there is one."""
+    from mergesmith.engine import split_layer_name
+
+    if len(plan.layer_counts) != 1:
+        return None
+    stack, written = next(iter(plan.layer_counts.items()))
+    indices = {p[1] for k in plan.reference.keys() if (p := split_layer_name(k)) and p[0] == stack}
+    return (max(indices) + 1, written) if indices else None
+
+
+def _first_float_dtype(plan: Plan) -> torch.dtype | None:
+    for job in plan.jobs:
+        dtype = job.reads[0].source.dtype(job.reads[0].key)
+        if dtype.is_floating_point:
+            return dtype
+    return None
+
+
+def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
+                      *, device: str = "cpu", seed: int = 0, compute_dtype: torch.dtype = torch.float32
+                      ) -> dict[str, torch.Tensor]:
+    """Merge in memory: the recipe's model names are keys of ``state_dicts``. For research and tests;
+    ``compute_dtype=torch.float64`` gives exact references."""
+    recipe = _as_recipe(recipe)
+
+    def open_source(model: str) -> StateDictReader:
+        if model not in state_dicts:
+            raise MergeError(f"recipe names model '{model}' but no state dict was given for it "
+                             f"(have: {', '.join(sorted(state_dicts))})")
+        return StateDictReader(model, state_dicts[model])
+
+    plan = build_plan(recipe, open_source)
+    merged: dict[str, torch.Tensor] = {}
+    execute(plan, merged.__setitem__, device=device, seed=seed, compute_dtype=compute_dtype, prefetch=1)
+    return merged
