@@ -1,0 +1,311 @@
+"""Speed benchmark: mergesmith (and optionally mergekit) on Llama-shaped bf16 checkpoints.
+
+Generates a base and three fine-tunes once (cached in --work-dir), writes one recipe per method, measures
+an I/O floor (read every input byte once from a warm page cache + write one model's bytes), then times
+`mergesmith merge` (and `mergekit-yaml` when --mergekit is given) as subprocesses, with the child's peak RSS.
+
+    python benchmarks/speed/bench_merge.py                       # full size (~0.54 GB per model)
+    python benchmarks/speed/bench_merge.py --layers 2 --repeats 1  # smoke run
+    python benchmarks/speed/bench_merge.py --mergekit /path/to/venv/bin/mergekit-yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SHARD_BYTES = 200 * 10**6
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+FINETUNES = ("ft1", "ft2", "ft3")
+WEIGHTS = (0.4, 0.3, 0.3)
+CHUNK = 64 * 2**20
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def llama_config(args: argparse.Namespace) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": args.vocab,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "initializer_range": 0.02, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
+
+
+def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    specs = [("model.embed_tokens.weight", (v, h))]
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        specs += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+        specs += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                  (p + "mlp.down_proj.weight", (h, i)),
+                  (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    return specs + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def shard_plan(specs: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str, tuple[int, ...]]]]:
+    shards, size = [[]], 0
+    for name, shape in specs:
+        nbytes = 2 * torch.Size(shape).numel()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def generate(args: argparse.Namespace) -> dict[str, Path]:
+    """Base + fine-tunes under work/models-<layers>L; regenerated only when the config changes."""
+    cfg = llama_config(args)
+    root = args.work_dir / f"models-{args.hidden}h-{args.layers}L"
+    dirs = {name: root / name for name in ("base", *FINETUNES)}
+    marker = root / "complete.json"
+    if marker.exists() and json.loads(marker.read_text()) == cfg:
+        return dirs
+    shutil.rmtree(root, ignore_errors=True)
+    for d in dirs.values():
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    shards = shard_plan(tensor_specs(cfg))
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    t0 = time.perf_counter()
+    counter = 0
+    for shard, file in zip(shards, files):
+        out = {name: {} for name in dirs}
+        for name, shape in shard:
+            counter += 1
+            gen = torch.Generator().manual_seed(counter)
+            if name.endswith("norm.weight"):
+                base = torch.ones(shape)
+            else:
+                base = torch.randn(shape, generator=gen) * 0.02
+            out["base"][name] = base.to(torch.bfloat16)
+            for k, ft in enumerate(FINETUNES, 1):
+                gen.manual_seed(counter * 1000 + k)
+                out[ft][name] = (base + torch.randn(shape, generator=gen) * 0.001).to(torch.bfloat16)
+        for model, tensors in out.items():
+            save_file(tensors, str(dirs[model] / file), metadata={"format": "pt"})
+    total = sum(2 * torch.Size(s).numel() for _, s in tensor_specs(cfg))
+    weight_map = {name: file for shard, file in zip(shards, files) for name, _ in shard}
+    for d in dirs.values():
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    marker.write_text(json.dumps(cfg))
+    print(f"generated 4 models x {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s under {root}")
+    return dirs
+
+
+def write_recipes(dirs: dict[str, Path], recipe_dir: Path) -> dict[str, Path]:
+    recipe_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for method in METHODS:
+        lines = [f"merge_method: {method}"]
+        if method != "linear":
+            lines.append(f"base_model: {dirs['base']}")
+        lines.append("models:")
+        for ft, w in zip(FINETUNES, WEIGHTS):
+            params = f"weight: {w}" + (", density: 0.5" if method in ("ties", "dare_ties") else "")
+            lines += [f"  - model: {dirs[ft]}", f"    parameters: {{{params}}}"]
+        lines.append("dtype: bfloat16")
+        paths[method] = recipe_dir / f"{method}.yaml"
+        paths[method].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- measuring
+def shard_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def time_read(files: list[Path], buf: bytearray) -> float:
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return time.perf_counter() - t0
+
+
+def time_write(nbytes: int, path: Path, buf: bytearray) -> float:
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left:
+            left -= os.write(fd, view[:min(left, len(view))])
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - t0
+    path.unlink()
+    return elapsed
+
+
+def run_timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes of the child's process tree, exit status)."""
+    gnu_time = shutil.which("time", path="/usr/bin")
+    with open(log, "w") as err:
+        if gnu_time:
+            t0 = time.perf_counter()
+            rc = subprocess.run([gnu_time, "-v", *cmd], cwd=REPO, stdout=err, stderr=err).returncode
+            wall = time.perf_counter() - t0
+            match = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
+            return wall, int(match[-1]) * 1024 if match else 0, rc
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=err, stderr=err)
+        ps, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [ps, *ps.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+        return time.perf_counter() - t0, peak, proc.returncode
+
+
+def bench_tool(tool: str, cmd_of, recipes: dict[str, Path], args: argparse.Namespace) -> dict:
+    results = {}
+    for method, recipe in recipes.items():
+        out = args.work_dir / f"out-{tool}-{method}"
+        log = args.work_dir / f"{tool}-{method}.log"
+        walls, peaks, error = [], [], None
+        for _ in range(args.repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            wall, peak, rc = run_timed(cmd_of(recipe, out), log)
+            shutil.rmtree(out, ignore_errors=True)
+            if rc != 0:
+                tail = [ln for ln in log.read_text().splitlines() if not ln.startswith("\t")]
+                error = "\n".join(tail[-15:])
+                print(f"  {tool} {method}: FAILED (exit {rc}); log {log}\n{error}")
+                break
+            walls.append(wall)
+            peaks.append(peak)
+            print(f"  {tool} {method}: {wall:.2f} s, peak RSS {peak / 1e9:.2f} GB")
+        results[method] = {"walls_s": walls, "peak_rss_bytes": peaks, "error": error,
+                           "wall_s": statistics.median(walls) if walls and not error else None,
+                           "peak_rss_gb": max(peaks) / 1e9 if peaks and not error else None}
+    return results
+
+
+def machine_info(args: argparse.Namespace) -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"nproc": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
+            "torch": torch.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    if args.mergekit:
+        py = Path(args.mergekit).parent / "python"
+        got = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                             capture_output=True, text=True)
+        info["mergekit"] = got.stdout.strip() or "unknown"
+    return info
+
+
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def report(args, info, floors, ms, mk, command) -> str:
+    rows = ["| method | mergesmith wall s | mergesmith peak RSS GB | ratio to I/O floor | I/O floor s "
+            "| mergekit wall s | mergekit peak RSS GB | speed-up |", "|---" * 8 + "|"]
+    for method in ms:
+        a, b = ms[method], (mk or {}).get(method, {})
+        ratio = a["wall_s"] / floors[method] if a["wall_s"] else None
+        speedup = b["wall_s"] / a["wall_s"] if b.get("wall_s") and a["wall_s"] else None
+        mk_wall = "failed" if b.get("error") else fmt(b.get("wall_s"))
+        rows.append(f"| {method} | {fmt(a['wall_s'])} | {fmt(a['peak_rss_gb'])} | {fmt(ratio, '.1f')}x "
+                    f"| {fmt(floors[method])} | {mk_wall} | {fmt(b.get('peak_rss_gb'))} "
+                    f"| {fmt(speedup, '.2f') + 'x' if speedup else '—'} |")
+    machine = ", ".join(f"{k}: {v}" for k, v in info.items())
+    return "\n".join([
+        "# mergesmith speed benchmark", "",
+        f"Inputs: Llama-shaped bf16 checkpoints, {args.layers} layers, hidden {args.hidden}, "
+        f"{args.model_gb:.2f} GB per model in 200 MB shards; output bf16, 200 MB shards. "
+        f"Median wall time of {args.repeats} run(s), max peak RSS (child process tree).", "",
+        "I/O floor = read every input shard once from a warm page cache + write one model's bytes "
+        f"(no fsync). Read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s.", "",
+        *rows, "",
+        f"Machine: {machine}", "",
+        "Reproduce (from the repository root):", "", f"    {command}", ""])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", type=Path, default=HERE / "work", help="models, recipes, outputs (cached)")
+    ap.add_argument("--layers", type=int, default=16, help="decoder layers (2 for a quick smoke run)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--mergekit", help="path to a mergekit-yaml executable (its own venv) to compare with")
+    ap.add_argument("--results", type=Path, default=HERE, help="directory for results.md and results.json")
+    args = ap.parse_args()
+    args.work_dir = args.work_dir.resolve()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
+
+    dirs = generate(args)
+    recipes = {m: p for m, p in write_recipes(dirs, args.work_dir / "recipes").items() if m in args.methods}
+    files = {name: shard_files(d) for name, d in dirs.items()}
+    model_bytes = sum(f.stat().st_size for f in files["base"])
+    args.model_gb = model_bytes / 1e9
+
+    buf = bytearray(CHUNK)
+    all_files = [f for fs in files.values() for f in fs]
+    time_read(all_files, buf)  # warm the page cache
+    reads = {name: statistics.median(time_read(fs, buf) for _ in range(args.repeats)) for name, fs in files.items()}
+    write_s = statistics.median(time_write(model_bytes, args.work_dir / "write-floor.bin", buf)
+                                for _ in range(args.repeats))
+    args.read_gbps = 4 * model_bytes / 1e9 / sum(reads.values())
+    args.write_gbps = model_bytes / 1e9 / write_s
+    floors = {m: sum(reads[n] for n in FINETUNES) + (reads["base"] if m != "linear" else 0) + write_s
+              for m in METHODS}
+    print(f"I/O floor: read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s; "
+          + ", ".join(f"{m} {floors[m]:.2f} s" for m in recipes))
+
+    ms = bench_tool("mergesmith", lambda r, o: [sys.executable, "-m", "mergesmith.cli", "merge", str(r), str(o),
+                                                "--overwrite", "--max-shard-size", "200MB", "--quiet"],
+                    recipes, args)
+    mk = None
+    if args.mergekit:
+        env_cmd = ["env", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1"]
+        mk = bench_tool("mergekit", lambda r, o: [*env_cmd, args.mergekit, str(r), str(o),
+                                                  "--out-shard-size", "100M",  # parameters: 200 MB of bf16
+                                                  "--lazy-unpickle", "--allow-crimes", "--no-copy-tokenizer",
+                                                  "--device", "cpu", "--random-seed", "0", "--quiet"],
+                        recipes, args)
+
+    info = machine_info(args)
+    text = report(args, info, floors, ms, mk, command)
+    print("\n" + text)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.md").write_text(text)
+    (args.results / "results.json").write_text(json.dumps(
+        {"command": command, "machine": info, "model_bytes": model_bytes, "read_s": reads, "write_s": write_s,
+         "io_floor_s": floors, "mergesmith": ms, "mergekit": mk, "repeats": args.repeats}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
