@@ -299,6 +299,14 @@ def test_ties_by_hand():
     assert_close(got, expected)
 
 
+def test_ties_elects_plus_when_the_weighted_sum_is_zero():
+    """w·τ = 1·2 and 2·(−1) cancel: + is elected, only model 1 agrees, divided by its weight 1."""
+    base = torch.zeros(1, dtype=F64)
+    got = merge("ties", base, [torch.tensor([2.0], dtype=F64), torch.tensor([-1.0], dtype=F64)],
+                model_parameters=per_model(weight=[1.0, 2.0]))
+    assert_close(got, torch.tensor([2.0], dtype=F64))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("rescale", [False, "l1"])
