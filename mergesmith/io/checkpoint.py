@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 from mergesmith.errors import MergeError
 
@@ -53,18 +53,38 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def _safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes) without touching the data."""
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets) and where its data starts."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 100_000_000:
                 raise ValueError("implausible header size")
             header = json.loads(f.read(size))
-    except (OSError, ValueError) as e:
+        file_size = path.stat().st_size
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"tensor '{key}' has unsupported dtype {info['dtype']}")
+            if 8 + size + info["data_offsets"][1] > file_size:
+                raise ValueError(f"tensor '{key}' runs past the end of the file")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise MergeError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
-    header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
+
+
+def _read_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Read one tensor with pread straight into its own storage: one copy from the page cache, the GIL
+    released during the read, and nothing mapped that would make resident memory grow with model size."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    done = 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise MergeError(f"unexpected end of file while reading a tensor at byte {offset + done}")
+        done += got
+    return buffer.view(dtype).reshape(shape)
 
 
 class CheckpointReader:
@@ -80,14 +100,18 @@ class CheckpointReader:
                              f"and never downloads; pass a local directory or .safetensors file")
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self._handles: dict[Path, object] = {}
+        self._span: dict[str, tuple[int, int]] = {}  # safetensors: (absolute offset, byte count)
+        self._fds: dict[Path, int] = {}
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         files = self._weight_files()
         for file in files:
             if file.suffix == ".safetensors":
-                for key, info in _safetensors_header(file).items():
-                    self._add(key, file, _DTYPES.get(info["dtype"], torch.float32), tuple(info["shape"]))
+                header, data_start = _safetensors_header(file)
+                for key, info in header.items():
+                    self._add(key, file, _DTYPES[info["dtype"]], tuple(info["shape"]))
+                    begin, end = info["data_offsets"]
+                    self._span[key] = (data_start + begin, end - begin)
             else:
                 for key, tensor in self._load_bin(file).items():
                     self._add(key, file, tensor.dtype, tuple(tensor.shape))
@@ -151,10 +175,23 @@ class CheckpointReader:
         if file.suffix != ".safetensors":
             return self._load_bin(file)[key]
         with self._lock:
-            handle = self._handles.get(file)
-            if handle is None:
-                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return handle.get_tensor(key)
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        offset, nbytes = self._span[key]
+        dtype, shape = self._meta[key]
+        return _read_tensor(fd, offset, nbytes, dtype, shape)
+
+    def close(self) -> None:
+        if not hasattr(self, "_fds"):  # __init__ failed before opening anything
+            return
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def directory(self) -> Path:
