@@ -35,7 +35,8 @@ class Param:
     def validate(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's type or raise a MergeError naming ``where``."""
         if self.choices is not None:
-            if value not in self.choices:
+            # compare types too: 1 == True in Python, and a number must not pass as a boolean choice
+            if not any(value == c and type(value) is type(c) for c in self.choices):
                 options = ", ".join(repr(c) for c in self.choices)
                 raise MergeError(f"{where}: '{self.name}' must be one of {options}, got {value!r}")
             return value
@@ -178,6 +179,9 @@ def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameter
     """
     spec = get_method(method)
     spec.check_inputs(base is not None, len(tensors), f"merge_tensors('{method}')")
+    if model_parameters is not None and len(model_parameters) != len(tensors):
+        raise MergeError(f"merge_tensors('{method}'): {len(model_parameters)} model_parameters for "
+                         f"{len(tensors)} model tensors; give one dict per tensor")
     kwargs = spec.bind(parameters, model_parameters or [{} for _ in tensors], f"merge_tensors('{method}')")
     if spec.random:
         if generator is None:
