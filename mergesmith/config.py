@@ -194,7 +194,9 @@ def resolve(scopes: list[dict[str, Any] | None], tensor_name: str, t: float) -> 
 
 
 def _describe(error: ValidationError, data: Any) -> str:
-    first = error.errors()[0]
+    errors = error.errors()
+    # a misspelt required key shows up twice: as "missing" and as "extra"; the extra one names the typo
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     location = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         key = str(first["loc"][-1])

@@ -44,7 +44,7 @@ class Job:
     inputs: list[TensorInput]
     kwargs: dict[str, Any]
     shape: tuple[int, ...]
-    out_dtype: torch.dtype | None
+    out_dtype: torch.dtype  # the recipe's output dtype, else the stored dtype of the base (or first) input
 
     @property
     def reads(self) -> list[TensorInput]:
@@ -169,7 +169,10 @@ class _Planner:
                     values.setdefault(key, value)
         shared_only = {k: v for k, v in shared.items() if not self._is_per_model(k)}
         kwargs = self.method.bind(shared_only, per_model, where)
-        return Job(name, self.method, base, inputs, kwargs, shape, self.recipe.output_dtype)
+        first = (base or inputs[0])
+        stored = first.source.dtype(first.key)
+        out_dtype = self.recipe.output_dtype if stored.is_floating_point and self.recipe.output_dtype else stored
+        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype)
 
     def _is_per_model(self, key: str) -> bool:
         try:
@@ -248,7 +251,6 @@ class MergeSummary:
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
             seed: int) -> torch.Tensor:
     """Compute one output tensor from its loaded inputs (base first, when the job has one)."""
-    out_dtype = job.out_dtype or tensors[0].dtype
     if not tensors[0].is_floating_point():
         # integer buffers (position ids, masks) are not averaged: they come from the base or first model
         return tensors[0]
@@ -261,7 +263,7 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
     if not bool(torch.isfinite(result).all()):
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")
-    return result.to(dtype=out_dtype).to("cpu")
+    return result.to(dtype=job.out_dtype).to("cpu")
 
 
 def _prefetch(plan: Plan, depth: int, stop: threading.Event) -> Iterator[tuple[Job, list[torch.Tensor]]]:

@@ -13,7 +13,7 @@ from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute
 from mergesmith.errors import MergeError
 from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
-from mergesmith.io.writer import ShardedWriter, atomic_output_dir, parse_size
+from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, parse_size
 
 
 def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
@@ -47,7 +47,8 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     if on_plan is not None:
         on_plan(plan)
     with atomic_output_dir(output, overwrite) as directory:
-        writer = ShardedWriter(directory, shard_bytes, metadata={"mergesmith_method": plan.method.name})
+        outputs = [OutputTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs]
+        writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
         try:
             summary = execute(plan, writer.add, device=device, seed=seed, on_tensor=on_tensor)
             files = writer.close()
@@ -65,7 +66,7 @@ def _write_sidecar_files(recipe: Recipe, plan: Plan, directory: Path) -> None:
     if recipe.tokenizer_source not in (None, "base"):
         tokenizer_dir = CheckpointReader(Path(recipe.tokenizer_source)).directory
     stack_layers = _layer_change(plan)
-    out_dtype = recipe.output_dtype or _first_float_dtype(plan)
+    out_dtype = next((job.out_dtype for job in plan.jobs if job.out_dtype.is_floating_point), None)
     write_config(reference_dir, directory, layers=stack_layers, dtype=out_dtype)
     copy_tokenizer(tokenizer_dir, directory)
     models = sorted({s.name for s in plan.sources} - {recipe.base_model})
@@ -82,14 +83,6 @@ def _layer_change(plan: Plan) -> tuple[int, int] | None:
     stack, written = next(iter(plan.layer_counts.items()))
     indices = {p[1] for k in plan.reference.keys() if (p := split_layer_name(k)) and p[0] == stack}
     return (max(indices) + 1, written) if indices else None
-
-
-def _first_float_dtype(plan: Plan) -> torch.dtype | None:
-    for job in plan.jobs:
-        dtype = job.reads[0].source.dtype(job.reads[0].key)
-        if dtype.is_floating_point:
-            return dtype
-    return None
 
 
 def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
