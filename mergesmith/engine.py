@@ -254,7 +254,9 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
     if not tensors[0].is_floating_point():
         # integer buffers (position ids, masks) are not averaged: they come from the base or first model
         return tensors[0]
-    work = [t.to(device=device, dtype=compute_dtype, non_blocking=True) for t in tensors]
+    upcast = job.method.upcast_inputs
+    work = [t.to(device=device, dtype=compute_dtype if upcast or i == 0 else None, non_blocking=True)
+            for i, t in enumerate(tensors)]
     base, others = (work[0], work[1:]) if job.base is not None else (None, work)
     kwargs = dict(job.kwargs)
     if job.method.random:
@@ -297,7 +299,7 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event) -> Iterator[tuple[J
 
 
 def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: str | torch.device = "cpu",
-            compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 2,
+            compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 1,
             on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
     """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``."""
     device = torch.device(device)

@@ -122,6 +122,9 @@ def rescale_masked(delta: Tensor, mask: Tensor, density: float, rescale: str) ->
     return masked * (before / after)
 
 
+_CHUNK = 1 << 22  # entries per model per step of the sign election: bounds its temporaries
+
+
 def consensus_combine(weighted: Tensor, weights: Tensor, *, elect_sign: bool, normalize: bool) -> Tensor:
     """Combine weighted task vectors ``weighted`` (n, *shape) with per-model ``weights`` (n,).
 
@@ -130,15 +133,23 @@ def consensus_combine(weighted: Tensor, weights: Tensor, *, elect_sign: bool, no
     sign agrees with it are summed, and ``normalize`` divides by the summed weights of the agreeing
     models (1 where none agree). A zero entry has no sign and never agrees.
     """
-    weights = weights.reshape((-1,) + (1,) * (weighted.dim() - 1))
-    if elect_sign:
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-        agrees = weighted.sign() == elected
-        total = torch.where(agrees, weighted, 0).sum(dim=0)
-        divisor = torch.where(agrees, weights, 0).sum(dim=0)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
-    else:
-        total = weighted.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
-    return total / divisor if normalize else total
+    n = weighted.shape[0]
+    flat = weighted.reshape(n, -1)  # (n, entries)
+    if not elect_sign:
+        total = flat.sum(dim=0)
+        divisor = float(weights.sum())
+        if normalize and abs(divisor) >= 1e-8:
+            total.div_(divisor)
+        return total.reshape(weighted.shape[1:])
+    total = torch.empty(flat.shape[1], dtype=weighted.dtype, device=weighted.device)
+    column = weights.reshape(n, 1)
+    for start in range(0, flat.shape[1], _CHUNK):
+        part = flat[:, start:start + _CHUNK]  # (n, chunk)
+        elected = torch.where(part.sum(dim=0) >= 0, 1.0, -1.0).to(part.dtype)
+        agrees = part.sign() == elected
+        chunk_total = (part * agrees).sum(dim=0)
+        if normalize:
+            divisor = (column * agrees).sum(dim=0)
+            chunk_total.div_(torch.where(divisor == 0, 1.0, divisor))
+        total[start:start + _CHUNK] = chunk_total
+    return total.reshape(weighted.shape[1:])

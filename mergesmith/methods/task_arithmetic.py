@@ -43,12 +43,12 @@ def _rescale_mode(rescale: bool | str, default_when_true: str) -> str:
     return rescale
 
 
-@register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True)],
+@register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True)], upcast_inputs=False,
           reference="arXiv:2203.05482")
 def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
     """Weighted average: Σ_i w_i θ_i / Σ_i w_i (without ``normalize``: Σ_i w_i θ_i). The base is not used."""
-    total = torch.zeros_like(tensors[0])
-    for tensor, w in zip(tensors, weight):
+    total = torch.mul(tensors[0], weight[0])
+    for tensor, w in zip(tensors[1:], weight[1:]):
         total.add_(tensor, alpha=w)
     if not normalize:
         return total
@@ -78,6 +78,7 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
 
 
 @register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False), INT8_MASK],
+          upcast_inputs=False,
           reference="arXiv:2212.04089")
 def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], scale: float,
                     normalize: bool, int8_mask: bool) -> Tensor:
@@ -94,7 +95,7 @@ def _magnitude_trim(density: Sequence[float], rescale: str) -> Callable[[Tensor,
 
 
 @register("ties", params=[WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, True), _rescale_param("none"),
-                          INT8_MASK], reference="arXiv:2306.01708")
+                          INT8_MASK], upcast_inputs=False, reference="arXiv:2306.01708")
 def ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
          scale: float, normalize: bool, rescale: bool | str, int8_mask: bool) -> Tensor:
     """TIES: trim τ_i to its top ⌊density·n⌋ magnitudes (at least one), elect per entry the sign of
@@ -119,7 +120,7 @@ DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False), _rescal
                INT8_MASK]
 
 
-@register("dare_linear", params=DARE_PARAMS, random=True, reference="arXiv:2311.03099")
+@register("dare_linear", params=DARE_PARAMS, random=True, upcast_inputs=False, reference="arXiv:2311.03099")
 def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
                 generator: torch.Generator) -> Tensor:
@@ -130,7 +131,7 @@ def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[flo
                              sparsify=drop)
 
 
-@register("dare_ties", params=DARE_PARAMS, random=True, reference="arXiv:2311.03099")
+@register("dare_ties", params=DARE_PARAMS, random=True, upcast_inputs=False, reference="arXiv:2311.03099")
 def dare_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
               scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
               generator: torch.Generator) -> Tensor:
@@ -153,7 +154,7 @@ def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> C
     return crumb
 
 
-@register("breadcrumbs", params=BREADCRUMB_PARAMS, reference="arXiv:2312.06795")
+@register("breadcrumbs", params=BREADCRUMB_PARAMS, upcast_inputs=False, reference="arXiv:2312.06795")
 def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 gamma: Sequence[float], scale: float, normalize: bool, rescale: bool | str,
                 int8_mask: bool) -> Tensor:
@@ -164,7 +165,7 @@ def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[flo
                              sparsify=crumb)
 
 
-@register("breadcrumbs_ties", params=BREADCRUMB_PARAMS, reference="arXiv:2312.06795")
+@register("breadcrumbs_ties", params=BREADCRUMB_PARAMS, upcast_inputs=False, reference="arXiv:2312.06795")
 def breadcrumbs_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float],
                      density: Sequence[float], gamma: Sequence[float], scale: float, normalize: bool,
                      rescale: bool | str, int8_mask: bool) -> Tensor:
