@@ -61,7 +61,10 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
 
 
 def _write_sidecar_files(recipe: Recipe, plan: Plan, directory: Path) -> None:
-    reference_dir = getattr(plan.reference, "directory", None)
+    # config from the reference model, else from the first input that has one (a lone .safetensors has none)
+    directories = [getattr(source, "directory", None) for source in [plan.reference, *plan.sources]]
+    with_config = [d for d in directories if d is not None and (d / "config.json").exists()]
+    reference_dir = with_config[0] if with_config else None
     tokenizer_dir = reference_dir
     if recipe.tokenizer_source not in (None, "base"):
         tokenizer_dir = CheckpointReader(Path(recipe.tokenizer_source)).directory

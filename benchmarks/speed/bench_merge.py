@@ -4,14 +4,13 @@ Generates a base and three fine-tunes once (cached in --work-dir), writes one re
 an I/O floor (read every input byte once from a warm page cache + write one model's bytes), then times
 `mergesmith merge` (and `mergekit-yaml` when --mergekit is given) as subprocesses, with the child's peak RSS.
 
-    python benchmarks/speed/bench_merge.py                       # full size (~0.54 GB per model)
-    python benchmarks/speed/bench_merge.py --layers 2 --repeats 1  # smoke run
-    python benchmarks/speed/bench_merge.py --mergekit /path/to/venv/bin/mergekit-yaml
+    python benchmarks/speed/bench_merge.py [--layers 2 --repeats 1] [--mergekit VENV/bin/mergekit-yaml]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -92,10 +91,7 @@ def generate(args: argparse.Namespace) -> dict[str, Path]:
         for name, shape in shard:
             counter += 1
             gen = torch.Generator().manual_seed(counter)
-            if name.endswith("norm.weight"):
-                base = torch.ones(shape)
-            else:
-                base = torch.randn(shape, generator=gen) * 0.02
+            base = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * 0.02
             out["base"][name] = base.to(torch.bfloat16)
             for k, ft in enumerate(FINETUNES, 1):
                 gen.manual_seed(counter * 1000 + k)
@@ -104,9 +100,9 @@ def generate(args: argparse.Namespace) -> dict[str, Path]:
             save_file(tensors, str(dirs[model] / file), metadata={"format": "pt"})
     total = sum(2 * torch.Size(s).numel() for _, s in tensor_specs(cfg))
     weight_map = {name: file for shard, file in zip(shards, files) for name, _ in shard}
+    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     for d in dirs.values():
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (d / "model.safetensors.index.json").write_text(index)
     marker.write_text(json.dumps(cfg))
     print(f"generated 4 models x {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s under {root}")
     return dirs
@@ -130,10 +126,6 @@ def write_recipes(dirs: dict[str, Path], recipe_dir: Path) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------- measuring
-def shard_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def time_read(files: list[Path], buf: bytearray) -> float:
     view = memoryview(buf)
     t0 = time.perf_counter()
@@ -173,11 +165,8 @@ def run_timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=err, stderr=err)
         ps, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
-            try:
-                tree = [ps, *ps.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
-                pass
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
             time.sleep(0.02)
         return time.perf_counter() - t0, peak, proc.returncode
 
@@ -207,13 +196,12 @@ def bench_tool(tool: str, cmd_of, recipes: dict[str, Path], args: argparse.Names
 
 
 def machine_info(args: argparse.Namespace) -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
     info = {"nproc": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
-            "torch": torch.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+            "torch": torch.__version__, "python": platform.python_version()}
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    info["mergesmith_commit"] = git.stdout.strip() or "unknown"
     if args.mergekit:
         py = Path(args.mergekit).parent / "python"
         got = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
@@ -266,9 +254,10 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
 
+    info = machine_info(args)  # before the runs: records the commit being measured
     dirs = generate(args)
     recipes = {m: p for m, p in write_recipes(dirs, args.work_dir / "recipes").items() if m in args.methods}
-    files = {name: shard_files(d) for name, d in dirs.items()}
+    files = {name: sorted(d.glob("*.safetensors")) for name, d in dirs.items()}
     model_bytes = sum(f.stat().st_size for f in files["base"])
     args.model_gb = model_bytes / 1e9
 
@@ -297,7 +286,6 @@ def main() -> None:
                                                   "--device", "cpu", "--random-seed", "0", "--quiet"],
                         recipes, args)
 
-    info = machine_info(args)
     text = report(args, info, floors, ms, mk, command)
     print("\n" + text)
     args.results.mkdir(parents=True, exist_ok=True)
