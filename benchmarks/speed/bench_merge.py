@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import statistics
@@ -36,7 +37,6 @@ WEIGHTS = (0.4, 0.3, 0.3)
 CHUNK = 64 * 2**20
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
 def llama_config(args: argparse.Namespace) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
             "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
@@ -84,8 +84,7 @@ def generate(args: argparse.Namespace) -> dict[str, Path]:
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
     shards = shard_plan(tensor_specs(cfg))
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    t0 = time.perf_counter()
-    counter = 0
+    t0, counter = time.perf_counter(), 0
     for shard, file in zip(shards, files):
         out = {name: {} for name in dirs}
         for name, shape in shard:
@@ -125,13 +124,11 @@ def write_recipes(dirs: dict[str, Path], recipe_dir: Path) -> dict[str, Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------------------- measuring
 def time_read(files: list[Path], buf: bytearray) -> float:
-    view = memoryview(buf)
     t0 = time.perf_counter()
     for path in files:
         with open(path, "rb", buffering=0) as f:
-            while f.readinto(view):
+            while f.readinto(buf):
                 pass
     return time.perf_counter() - t0
 
@@ -139,59 +136,60 @@ def time_read(files: list[Path], buf: bytearray) -> float:
 def time_write(nbytes: int, path: Path, buf: bytearray) -> float:
     view = memoryview(buf)
     t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = nbytes
-        while left:
-            left -= os.write(fd, view[:min(left, len(view))])
-    finally:
-        os.close(fd)
+    fd, left = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), nbytes
+    while left:
+        left -= os.write(fd, view[:min(left, len(view))])
+    os.close(fd)
     elapsed = time.perf_counter() - t0
     path.unlink()
     return elapsed
 
 
-def run_timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes of the child's process tree, exit status)."""
+def run_timed(cmd: list[str], log: Path) -> tuple[float, float, int, int]:
+    """(wall s, CPU s, peak RSS bytes of the child's process tree, exit status) of one subprocess."""
     gnu_time = shutil.which("time", path="/usr/bin")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as err:
-        if gnu_time:
-            t0 = time.perf_counter()
-            rc = subprocess.run([gnu_time, "-v", *cmd], cwd=REPO, stdout=err, stderr=err).returncode
-            wall = time.perf_counter() - t0
-            match = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
-            return wall, int(match[-1]) * 1024 if match else 0, rc
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=err, stderr=err)
+        proc = subprocess.Popen([gnu_time, "-v", *cmd] if gnu_time else cmd, cwd=REPO, stdout=err, stderr=err)
         ps, peak = psutil.Process(proc.pid), 0
-        while proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+        while proc.poll() is None:  # without GNU time: poll the tree's RSS every 20 ms
+            if not gnu_time:
+                with contextlib.suppress(psutil.Error):
+                    peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
             time.sleep(0.02)
-        return time.perf_counter() - t0, peak, proc.returncode
+        wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if gnu_time:
+        match = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
+        peak = int(match[-1]) * 1024 if match else 0
+    return wall, cpu, peak, proc.returncode
 
 
 def bench_tool(tool: str, cmd_of, recipes: dict[str, Path], args: argparse.Namespace) -> dict:
-    results = {}
+    results = {}  # per method: every run, the median wall and CPU time, the max peak RSS
     for method, recipe in recipes.items():
         out = args.work_dir / f"out-{tool}-{method}"
         log = args.work_dir / f"{tool}-{method}.log"
-        walls, peaks, error = [], [], None
+        runs, error = [], None
         for _ in range(args.repeats):
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak, rc = run_timed(cmd_of(recipe, out), log)
+            load = os.getloadavg()[0]  # other work on the machine inflates wall times; CPU s is steadier
+            wall, cpu, peak, rc = run_timed(cmd_of(recipe, out), log)
             shutil.rmtree(out, ignore_errors=True)
             if rc != 0:
                 tail = [ln for ln in log.read_text().splitlines() if not ln.startswith("\t")]
                 error = "\n".join(tail[-15:])
                 print(f"  {tool} {method}: FAILED (exit {rc}); log {log}\n{error}")
                 break
-            walls.append(wall)
-            peaks.append(peak)
-            print(f"  {tool} {method}: {wall:.2f} s, peak RSS {peak / 1e9:.2f} GB")
-        results[method] = {"walls_s": walls, "peak_rss_bytes": peaks, "error": error,
-                           "wall_s": statistics.median(walls) if walls and not error else None,
-                           "peak_rss_gb": max(peaks) / 1e9 if peaks and not error else None}
+            runs.append({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak, "loadavg_before": load})
+            print(f"  {tool} {method}: {wall:.2f} s wall, {cpu:.2f} s CPU, peak RSS {peak / 1e9:.2f} GB, "
+                  f"load before {load:.2f}")
+        ok = bool(runs) and not error
+        results[method] = {"runs": runs, "error": error, **{
+            key: statistics.median(r[key] for r in runs) if ok else None for key in ("wall_s", "cpu_s")},
+            "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9 if ok else None}
     return results
 
 
@@ -199,7 +197,7 @@ def machine_info(args: argparse.Namespace) -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
     info = {"nproc": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     info["mergesmith_commit"] = git.stdout.strip() or "unknown"
     if args.mergekit:
@@ -215,25 +213,29 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def report(args, info, floors, ms, mk, command) -> str:
-    rows = ["| method | mergesmith wall s | mergesmith peak RSS GB | ratio to I/O floor | I/O floor s "
-            "| mergekit wall s | mergekit peak RSS GB | speed-up |", "|---" * 8 + "|"]
+    rows = ["| method | mergesmith wall s | mergesmith CPU s | mergesmith peak RSS GB | ratio to I/O floor "
+            "| I/O floor s | mergekit wall s | mergekit CPU s | mergekit peak RSS GB | speed-up |", "|---" * 10 + "|"]
     for method in ms:
         a, b = ms[method], (mk or {}).get(method, {})
         ratio = a["wall_s"] / floors[method] if a["wall_s"] else None
         speedup = b["wall_s"] / a["wall_s"] if b.get("wall_s") and a["wall_s"] else None
         mk_wall = "failed" if b.get("error") else fmt(b.get("wall_s"))
-        rows.append(f"| {method} | {fmt(a['wall_s'])} | {fmt(a['peak_rss_gb'])} | {fmt(ratio, '.1f')}x "
-                    f"| {fmt(floors[method])} | {mk_wall} | {fmt(b.get('peak_rss_gb'))} "
-                    f"| {fmt(speedup, '.2f') + 'x' if speedup else '—'} |")
+        rows.append(f"| {method} | {fmt(a['wall_s'])} | {fmt(a['cpu_s'], '.1f')} | {fmt(a['peak_rss_gb'])} "
+                    f"| {fmt(ratio, '.1f')}x | {fmt(floors[method])} | {mk_wall} | {fmt(b.get('cpu_s'), '.1f')} "
+                    f"| {fmt(b.get('peak_rss_gb'))} | {fmt(speedup, '.2f') + 'x' if speedup else '—'} |")
+    loads = [r["loadavg_before"] for tool in (ms, mk or {}) for m in tool.values() for r in m["runs"]]
     machine = ", ".join(f"{k}: {v}" for k, v in info.items())
     return "\n".join([
         "# mergesmith speed benchmark", "",
         f"Inputs: Llama-shaped bf16 checkpoints, {args.layers} layers, hidden {args.hidden}, "
         f"{args.model_gb:.2f} GB per model in 200 MB shards; output bf16, 200 MB shards. "
-        f"Median wall time of {args.repeats} run(s), max peak RSS (child process tree).", "",
+        f"Median wall and CPU (user+sys) time of {args.repeats} run(s), max peak RSS (child process tree); "
+        "speed-up = mergekit wall / mergesmith wall.", "",
         "I/O floor = read every input shard once from a warm page cache + write one model's bytes "
         f"(no fsync). Read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s.", "",
         *rows, "",
+        f"1-minute load average before a run: {min(loads, default=0):.2f} to {max(loads, default=0):.2f} "
+        f"(above {os.cpu_count()} means other work shared the CPUs and wall times are inflated).", "",
         f"Machine: {machine}", "",
         "Reproduce (from the repository root):", "", f"    {command}", ""])
 
@@ -262,8 +264,7 @@ def main() -> None:
     args.model_gb = model_bytes / 1e9
 
     buf = bytearray(CHUNK)
-    all_files = [f for fs in files.values() for f in fs]
-    time_read(all_files, buf)  # warm the page cache
+    time_read([f for fs in files.values() for f in fs], buf)  # warm the page cache
     reads = {name: statistics.median(time_read(fs, buf) for _ in range(args.repeats)) for name, fs in files.items()}
     write_s = statistics.median(time_write(model_bytes, args.work_dir / "write-floor.bin", buf)
                                 for _ in range(args.repeats))
@@ -292,7 +293,7 @@ def main() -> None:
     (args.results / "results.md").write_text(text)
     (args.results / "results.json").write_text(json.dumps(
         {"command": command, "machine": info, "model_bytes": model_bytes, "read_s": reads, "write_s": write_s,
-         "io_floor_s": floors, "mergesmith": ms, "mergekit": mk, "repeats": args.repeats}, indent=2))
+         "io_floor_s": floors, "repeats": args.repeats, "mergesmith": ms, "mergekit": mk}, indent=2))
 
 
 if __name__ == "__main__":
