@@ -99,12 +99,14 @@ def fine_tune(base: Path, examples: list[tuple[str, int]], out: Path, *, steps: 
               batch_size: int = 16, seed: int = 0) -> None:
     """Fine-tune a copy of ``base`` for ``steps`` AdamW steps on ``examples`` and save it to ``out``.
 
-    The classifier head stays frozen so that all fine-tunes share it. The word embeddings stay frozen
-    too: their dense gradient and optimizer update would cost as much as the rest of the model on a CPU.
+    The classifier head stays frozen so that all fine-tunes share it; as it is random, the encoder has to
+    turn its features towards it, which the fairly high learning rate does within 60 steps. The word
+    embeddings stay frozen too: their dense gradient and update would cost as much as the rest on a CPU.
     """
     torch.manual_seed(seed)  # dropout masks
     model = AutoModelForSequenceClassification.from_pretrained(base, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    tokenizer.save_pretrained(out)  # now: once used, it would save the demo's padding and truncation too
     model.classifier.requires_grad_(False)
     model.base_model.embeddings.word_embeddings.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -120,7 +122,6 @@ def fine_tune(base: Path, examples: list[tuple[str, int]], out: Path, *, steps: 
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def evaluate(directory: Path, tasks: dict[str, dict[str, list]], batch_size: int = 100) -> dict[str, float]:
@@ -168,6 +169,16 @@ def _threads() -> int:
     return 1 if cpus < 2 or os.getloadavg()[0] > cpus - 1 else 2
 
 
+# A finished model directory records the settings that made it; a directory whose record matches is reused.
+def _reuse(directory: Path, settings: dict[str, Any]) -> bool:
+    stamp = directory / "mergesmith-demo.json"
+    return stamp.exists() and json.loads(stamp.read_text()) == settings
+
+
+def _stamp(directory: Path, settings: dict[str, Any]) -> None:
+    (directory / "mergesmith-demo.json").write_text(json.dumps(settings))
+
+
 def run_demo(workdir: str | Path | None = None, steps: int = 60, console: Console | None = None, *,
              examples: int = 400, lr: float = 1e-4, seed: int = 0, threads: int | None = None,
              source: str | Path | None = None) -> dict[str, dict[str, float]]:
@@ -182,29 +193,33 @@ def run_demo(workdir: str | Path | None = None, steps: int = 60, console: Consol
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mergesmith-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     start, saved_threads = time.perf_counter(), torch.get_num_threads()
-    saved_verbosity, saved_bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
-    torch.set_num_threads(threads or _threads())
-    transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
-    transformers.logging.disable_progress_bar()
-    console.print(f"[bold]mergesmith demo[/bold] in {work}: MiniLM-L6 gets a new 2-way classifier head, which "
-                  f"all models share and which stays frozen; the encoder is fine-tuned for {steps} steps on "
-                  f"each task ({', '.join(TASKS)}), then the three fine-tunes are merged.", highlight=False)
+    logging = transformers.logging
+    saved_verbosity, saved_bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    threads = threads or _threads()
+    torch.set_num_threads(threads)
+    logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    logging.disable_progress_bar()
+    console.print(f"[bold]mergesmith demo[/bold] in {work}: MiniLM-L6 gets a new 2-way classifier head, "
+                  f"which all models share and which stays frozen (as do the word embeddings); the encoder "
+                  f"is fine-tuned for {steps} steps on each task ({', '.join(TASKS)}), then the three "
+                  f"fine-tunes are merged and every model is scored on every task with the shared head.",
+                  highlight=False)
     try:
         tasks = make_tasks(examples, examples // 2, seed)
-        base = work / "base"
-        if not (base / "model.safetensors").exists():
+        base, settings = work / "base", {"source": str(source), "seed": seed}
+        if not _reuse(base, settings):
             make_base(base, source, seed)
+            _stamp(base, settings)
         results, seconds, finetunes = {"base": evaluate(base, tasks)}, {}, []
-        settings = {"steps": steps, "examples": examples, "lr": lr, "seed": seed, "source": str(source)}
+        settings.update(steps=steps, examples=examples, lr=lr)
         for task in TASKS:
             out = work / f"finetuned-{task}"
-            stamp = out / "mergesmith-demo.json"
-            if stamp.exists() and json.loads(stamp.read_text()) == settings:
+            if _reuse(out, settings):
                 console.print(f"reusing {out}", highlight=False)
             else:
                 with console.status(f"fine-tuning on {task} ({steps} steps)"):
                     fine_tune(base, tasks[task]["train"], out, steps=steps, lr=lr, seed=seed)
-                stamp.write_text(json.dumps(settings))
+                _stamp(out, settings)
             finetunes.append(out)
             results[out.name] = evaluate(out, tasks)
         for method, recipe in recipes(base, finetunes).items():
@@ -215,13 +230,14 @@ def run_demo(workdir: str | Path | None = None, steps: int = 60, console: Consol
                 results[method] = evaluate(work / f"merged-{method}", tasks)
     finally:
         torch.set_num_threads(saved_threads)
-        transformers.logging.set_verbosity(saved_verbosity)
+        logging.set_verbosity(saved_verbosity)
         if saved_bars:
-            transformers.logging.enable_progress_bar()
+            logging.enable_progress_bar()
     console.print(_table(results, seconds, examples // 2))
+    plural = "s" if threads > 1 else ""
     console.print(f"Models (Hugging Face directories) are in {work}; this run took "
-                  f"{time.perf_counter() - start:.0f} s. Later versions add Fisher and RegMean merges, which "
-                  f"use a little data per task.", highlight=False)
+                  f"{time.perf_counter() - start:.0f} s on {threads} CPU thread{plural}. Later versions add "
+                  f"Fisher and RegMean merges, which use a little data per task.", highlight=False)
     return results
 
 
