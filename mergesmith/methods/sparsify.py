@@ -1,7 +1,8 @@
 """Task-vector sparsifiers and the sign-consensus combine of TIES, DARE and Model Breadcrumbs.
 
-All masks keep exactly the documented number of entries; ties in magnitude are broken by position
-(lower flat index first), so results are deterministic (mergekit's argsort leaves that order unspecified).
+All masks keep exactly the documented number of entries. Magnitudes are ranked by a stable ascending
+sort (equal magnitudes by position), so results are deterministic; mergekit's argsort leaves the order of
+equal magnitudes unspecified.
 """
 
 from __future__ import annotations
@@ -19,63 +20,71 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-def _rank_ascending(magnitude: Tensor) -> Tensor:
-    """Flat indices sorted by magnitude, ties by position."""
-    return torch.sort(magnitude.reshape(-1), stable=True).indices
+_SAMPLE_MIN_N = 1 << 15  # below this, a plain selection is as fast as the sampled one
 
 
-_SAMPLE = 1 << 16
+def kth_smallest(values: Tensor, rank: int) -> Tensor:
+    """The exact entry of rank ``rank`` (0-based, ascending) of a flat tensor, in a few linear passes.
 
-
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The exact k-th largest entry of a flat tensor, in a few linear passes.
-
-    A fixed-seed sample brackets the answer's rank; an exact selection then runs on the entries inside
-    the bracket only (a few percent of them). If the bracket misses, a full selection runs, so the
-    answer never depends on the sample.
+    A fixed-seed sample brackets the answer; an exact selection then runs only on the entries inside the
+    bracket (a few percent of them). If the bracket misses, a full selection runs, so the answer never
+    depends on the sample.
     """
     n = values.numel()
-    if n <= 4 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
+    if n < _SAMPLE_MIN_N:
+        return torch.kthvalue(values, rank + 1).values
+    size = min(1 << 16, n // 16)
     generator = torch.Generator(device=values.device).manual_seed(0)
-    picks = torch.randint(n, (_SAMPLE,), generator=generator, device=values.device)
-    sample = values[picks].sort().values
-    rank = (n - k) / n  # the answer's quantile in ascending order
-    margin = 0.02  # ≈ 5 standard deviations of a quantile estimated from 65536 draws
-    low = sample[max(0, int((rank - margin) * _SAMPLE))]
-    high = sample[min(_SAMPLE - 1, int((rank + margin) * _SAMPLE))]
-    above = int((values > high).sum())
+    sample = values[torch.randint(n, (size,), generator=generator, device=values.device)].sort().values
+    quantile = rank / n
+    margin = 2.5 / size**0.5  # 5 standard deviations of a sample quantile, at worst (q = 1/2)
+    low = sample[max(0, int((quantile - margin) * size))]
+    high = sample[min(size - 1, int((quantile + margin) * size))]
+    below = int((values < low).sum())
     inside = values[(values >= low) & (values <= high)]
-    if above < k <= above + inside.numel():
-        return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    if below <= rank < below + inside.numel():
+        return torch.kthvalue(inside, rank - below + 1).values
+    return torch.kthvalue(values, rank + 1).values
+
+
+def rank_range_mask(values: Tensor, start: int, stop: int) -> Tensor:
+    """Mask of the entries whose rank in a stable ascending sort of ``values`` lies in [start, stop).
+
+    Equal values are ranked by position, so exactly stop − start entries are kept and the result is
+    deterministic. Uses one or two selections (``kth_smallest``) instead of a sort.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    start, stop = max(0, start), min(n, stop)
+    if stop <= start:
+        return torch.zeros_like(values, dtype=torch.bool)
+    mask = torch.ones(n, dtype=torch.bool, device=flat.device)
+    if start > 0:
+        low = kth_smallest(flat, start)
+        torch.ge(flat, low, out=mask)
+        surplus = int(mask.sum()) - (n - start)  # ties at `low` ranked below `start`: the earliest go
+        if surplus > 0:
+            mask[(flat == low).nonzero().squeeze(1)[:surplus]] = False
+    if stop < n:
+        high = kth_smallest(flat, stop - 1)
+        within = flat <= high
+        surplus = int(within.sum()) - stop  # ties at `high` ranked at or past `stop`: the latest go
+        if surplus > 0:
+            ties = (flat == high).nonzero().squeeze(1)
+            within[ties[ties.numel() - surplus:]] = False
+        mask &= within
+    return mask.reshape(values.shape)
 
 
 def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Boolean mask of the ``keep_count`` largest-|delta| entries (TIES trim).
-
-    Found by selection (``kth_largest``) rather than a full sort; entries equal to the threshold are
-    taken in index order until the count is met.
-    """
-    numel = delta.numel()
-    k = keep_count(numel, density)
-    if k >= numel:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    magnitude = delta.abs().reshape(-1)
-    threshold = kth_largest(magnitude, k)
-    mask = magnitude > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        at_threshold = (magnitude == threshold).nonzero().squeeze(1)[:missing]
-        mask[at_threshold] = True
-    return mask.reshape(delta.shape)
+    """Mask of the ``keep_count`` largest |delta| (TIES trim); among equal magnitudes at the threshold
+    the earlier positions are kept (a stable sort by descending magnitude)."""
+    return rank_range_mask(delta.abs().neg_(), 0, keep_count(delta.numel(), density))
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs (arXiv:2312.06795): drop the ⌊γn⌋ largest magnitudes as outliers and the smallest
-    ones so that ⌊density·n⌋ entries remain.
+    ones so that ⌊density·n⌋ entries remain (ranks as in ``rank_range_mask``).
 
     When outliers plus kept entries exceed n, fewer outliers are dropped (the kept count wins), as in
     mergekit 0.1.5. Unlike older mergekit releases, a tensor with fewer than 1/γ elements (no outliers)
@@ -85,12 +94,8 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     kept = int(density * numel)
-    outliers = int(gamma * numel)
-    dropped_small = max(0, numel - kept - outliers)
-    order = _rank_ascending(delta.abs())
-    mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
-    mask[order[dropped_small:dropped_small + kept]] = True
-    return mask.reshape(delta.shape)
+    dropped_small = max(0, numel - kept - int(gamma * numel))
+    return rank_range_mask(delta.abs(), dropped_small, dropped_small + kept)
 
 
 def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
