@@ -262,7 +262,8 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
     if job.method.random:
         kwargs["generator"] = torch.Generator().manual_seed(_seed_for(seed, job.name))
     result = job.method.function(base, others, **kwargs)
-    if not bool(torch.isfinite(result).all()):
+    low, high = torch.aminmax(result) if result.numel() else (result.new_zeros(()), result.new_zeros(()))
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):  # one pass; NaN propagates to both
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")
     return result.to(dtype=job.out_dtype).to("cpu")

@@ -7,8 +7,17 @@ equal magnitudes unspecified.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
+
+BLOCK = 1 << 16  # entries per step of a fused elementwise loop: its working set stays in cache
+
+
+def blocks(numel: int) -> Iterator[slice]:
+    """Consecutive slices of at most BLOCK entries covering range(numel)."""
+    return (slice(start, min(start + BLOCK, numel)) for start in range(0, numel, BLOCK))
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -79,7 +88,18 @@ def rank_range_mask(values: Tensor, start: int, stop: int) -> Tensor:
 def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
     """Mask of the ``keep_count`` largest |delta| (TIES trim); among equal magnitudes at the threshold
     the earlier positions are kept (a stable sort by descending magnitude)."""
-    return rank_range_mask(delta.abs().neg_(), 0, keep_count(delta.numel(), density))
+    magnitude = delta.abs().reshape(-1)
+    n = magnitude.numel()
+    k = keep_count(n, density)
+    if k in (0, n):
+        return torch.full_like(delta, k == n, dtype=torch.bool)
+    threshold = kth_smallest(magnitude, n - k)
+    mask = magnitude >= threshold
+    surplus = int(mask.sum()) - k
+    if surplus > 0:  # equal magnitudes at the threshold: the latest go
+        ties = (magnitude == threshold).nonzero().squeeze(1)
+        mask[ties[ties.numel() - surplus:]] = False
+    return mask.reshape(delta.shape)
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -109,52 +129,43 @@ def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) ->
     return (draws < density).to(delta.device)
 
 
-def rescale_masked(delta: Tensor, mask: Tensor, density: float, rescale: str) -> Tensor:
-    """Apply ``mask`` and rescale what survives.
+def mask_and_rescale_(delta: Tensor, mask: Tensor, density: float, rescale: str) -> Tensor:
+    """Zero the entries of ``delta`` outside ``mask``, in place, and rescale what survives.
 
     ``inverse_density``: divide by the keep probability, the DARE paper's unbiased 1/(1−p) rescale.
     ``l1``: match the L1 norm of the unmasked delta (mergekit 0.1.5's ``rescale: true``).
     ``none``: no rescale. A zero density or an all-zero result returns zeros, never NaN.
     """
-    masked = delta * mask
-    if rescale == "none":
-        return masked
-    if rescale == "inverse_density":
-        return masked / density if density > 0 else masked
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+    before = delta.abs().sum() if rescale == "l1" else None
+    delta.mul_(mask)
+    if rescale == "inverse_density" and density > 0:
+        delta.div_(density)
+    elif before is not None:
+        after = delta.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            delta.mul_(before / after)
+    return delta
 
 
-_CHUNK = 1 << 22  # entries per model per step of the sign election: bounds its temporaries
+def consensus_combine(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:
+    """TIES's sign election and disjoint merge of task vectors ``deltas`` (n, *shape), weights (n,).
 
-
-def consensus_combine(weighted: Tensor, weights: Tensor, *, elect_sign: bool, normalize: bool) -> Tensor:
-    """Combine weighted task vectors ``weighted`` (n, *shape) with per-model ``weights`` (n,).
-
-    Without sign election: Σ_i w_i τ_i, divided by Σ_i w_i when ``normalize`` (a near-zero sum is treated
-    as 1). With election (TIES): the sign of Σ_i w_i τ_i is elected per entry; only entries whose weighted
-    sign agrees with it are summed, and ``normalize`` divides by the summed weights of the agreeing
-    models (1 where none agree). A zero entry has no sign and never agrees.
+    With u_i = w_i τ_i: the sign s = sign(Σ_i u_i) is elected per entry (a sum of exactly 0 elects +);
+    model i agrees where s·u_i > 0 (a zero entry has no sign and never agrees); the result is
+    Σ_agree u_i, divided by Σ_agree w_i when ``normalize`` (1 where no model agrees). Runs in
+    cache-sized blocks, so the temporaries never grow with the tensor.
     """
-    n = weighted.shape[0]
-    flat = weighted.reshape(n, -1)  # (n, entries)
-    if not elect_sign:
-        total = flat.sum(dim=0)
-        divisor = float(weights.sum())
-        if normalize and abs(divisor) >= 1e-8:
-            total.div_(divisor)
-        return total.reshape(weighted.shape[1:])
-    total = torch.empty(flat.shape[1], dtype=weighted.dtype, device=weighted.device)
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)  # (n, entries)
     column = weights.reshape(n, 1)
-    for start in range(0, flat.shape[1], _CHUNK):
-        part = flat[:, start:start + _CHUNK]  # (n, chunk)
-        elected = torch.where(part.sum(dim=0) >= 0, 1.0, -1.0).to(part.dtype)
-        agrees = part.sign() == elected
-        chunk_total = (part * agrees).sum(dim=0)
+    merged = torch.empty(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    for block in blocks(flat.shape[1]):
+        weighted = flat[:, block] * column  # (n, block)
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+        agrees = (weighted * elected) > 0
+        total = weighted.mul_(agrees).sum(dim=0)
         if normalize:
             divisor = (column * agrees).sum(dim=0)
-            chunk_total.div_(torch.where(divisor == 0, 1.0, divisor))
-        total[start:start + _CHUNK] = chunk_total
-    return total.reshape(weighted.shape[1:])
+            total.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        merged[block] = total
+    return merged.reshape(deltas.shape[1:])

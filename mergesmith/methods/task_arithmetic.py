@@ -1,7 +1,8 @@
 """Weighted averages and the task-vector family: task arithmetic, TIES, DARE and Model Breadcrumbs.
 
 Notation: base θ_0, inputs θ_i, task vectors τ_i = θ_i − θ_0, per-model weights w_i, global scale λ.
-Every task-vector method returns θ_0 + λ·combine(w_i · sparsify(τ_i)) with ``consensus_combine``.
+Every task-vector method returns θ_0 + λ·combine(w_i · sparsify(τ_i)); the TIES-style methods combine
+with ``consensus_combine``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from mergesmith.errors import MergeError
 from mergesmith.methods.registry import Param, register
 from mergesmith.methods.sparsify import (
     bernoulli_mask,
+    blocks,
     breadcrumbs_mask,
     consensus_combine,
-    rescale_masked,
+    mask_and_rescale_,
     top_magnitude_mask,
 )
 
@@ -47,34 +49,57 @@ def _rescale_mode(rescale: bool | str, default_when_true: str) -> str:
           reference="arXiv:2203.05482")
 def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
     """Weighted average: Σ_i w_i θ_i / Σ_i w_i (without ``normalize``: Σ_i w_i θ_i). The base is not used."""
-    total = torch.mul(tensors[0], weight[0])
-    for tensor, w in zip(tensors[1:], weight[1:]):
-        total.add_(tensor, alpha=w)
-    if not normalize:
-        return total
-    weight_sum = sum(weight)
-    if abs(weight_sum) < 1e-12:
-        raise MergeError("linear: the model weights sum to zero; set normalize: false or change the weights")
-    return total.div_(weight_sum)
+    divisor = 1.0
+    if normalize:
+        divisor = sum(weight)
+        if abs(divisor) < 1e-12:
+            raise MergeError("linear: the model weights sum to zero; set normalize: false or change the weights")
+    coefficients = [w / divisor for w in weight]
+    merged = torch.empty_like(tensors[0])
+    out, inputs = merged.view(-1), [t.reshape(-1) for t in tensors]
+    for block in blocks(out.numel()):
+        torch.mul(inputs[0][block], coefficients[0], out=out[block])
+        for tensor, c in zip(inputs[1:], coefficients[1:]):
+            out[block].add_(tensor[block], alpha=c)
+    return merged
 
 
 def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *, scale: float,
                       normalize: bool, elect_sign: bool,
                       sparsify: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
-    """θ_0 + λ · consensus_combine(w_i · sparsify(τ_i)); ``sparsify(τ_i, i)`` may drop entries."""
+    """θ_0 + λ · combine(w_i · sparsify(τ_i)); ``sparsify(τ_i, i)`` drops entries of τ_i in place.
+
+    Without sign election the combine is linear, so it runs as θ_0 + Σ_i (λ w_i / D) sparsify(τ_i) with
+    D = Σ_i w_i under ``normalize`` (else 1): one model at a time, or in cache-sized blocks when nothing
+    is sparsified.
+    """
     if not tensors:
         return base.clone()
-    weighted = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
-    for i, tensor in enumerate(tensors):
-        delta = torch.sub(tensor, base, out=weighted[i])
-        if sparsify is not None:
-            weighted[i] = sparsify(delta, i)
-        weighted[i].mul_(weights[i])
-    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
-    combined = consensus_combine(weighted, w, elect_sign=elect_sign, normalize=normalize)
-    if scale != 1:
-        combined.mul_(scale)
-    return combined.add_(base)
+    if elect_sign:
+        deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+        for i, tensor in enumerate(tensors):
+            torch.sub(tensor, base, out=deltas[i])
+            if sparsify is not None:
+                sparsify(deltas[i], i)  # in place
+        w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
+        combined = consensus_combine(deltas, w, normalize=normalize)
+        if scale != 1:
+            combined.mul_(scale)
+        return combined.add_(base)
+    divisor = sum(weights) if normalize and abs(sum(weights)) >= 1e-8 else 1.0
+    coefficients = [scale * w / divisor for w in weights]
+    if sparsify is not None:
+        merged = base.clone()
+        for i, tensor in enumerate(tensors):
+            merged.add_(sparsify(torch.sub(tensor, base), i), alpha=coefficients[i])
+        return merged
+    merged = torch.empty_like(base)
+    out, flat_base, inputs = merged.view(-1), base.reshape(-1), [t.reshape(-1) for t in tensors]
+    for block in blocks(out.numel()):
+        out[block].copy_(flat_base[block])
+        for tensor, c in zip(inputs, coefficients):
+            out[block].add_(tensor[block] - flat_base[block], alpha=c)
+    return merged
 
 
 @register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False), INT8_MASK],
@@ -90,7 +115,7 @@ def _magnitude_trim(density: Sequence[float], rescale: str) -> Callable[[Tensor,
     def trim(delta: Tensor, i: int) -> Tensor:
         if density[i] >= 1:
             return delta
-        return rescale_masked(delta, top_magnitude_mask(delta, density[i]), density[i], rescale)
+        return mask_and_rescale_(delta, top_magnitude_mask(delta, density[i]), density[i], rescale)
     return trim
 
 
@@ -112,7 +137,7 @@ def _dare_drop(density: Sequence[float], rescale: str, generator: torch.Generato
     def drop(delta: Tensor, i: int) -> Tensor:
         if density[i] >= 1:
             return delta
-        return rescale_masked(delta, bernoulli_mask(delta, density[i], generator), density[i], rescale)
+        return mask_and_rescale_(delta, bernoulli_mask(delta, density[i], generator), density[i], rescale)
     return drop
 
 
@@ -150,7 +175,7 @@ def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> C
     def crumb(delta: Tensor, i: int) -> Tensor:
         if density[i] >= 1:
             return delta
-        return rescale_masked(delta, breadcrumbs_mask(delta, density[i], gamma[i]), density[i], rescale)
+        return mask_and_rescale_(delta, breadcrumbs_mask(delta, density[i], gamma[i]), density[i], rescale)
     return crumb
 
 
