@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -22,6 +23,19 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _reuse_freed_memory() -> None:
+    """Ask glibc to keep freed blocks up to 32 MB in the heap instead of unmapping them: otherwise every
+    tensor-sized allocation of a streaming merge faults in fresh zeroed pages (about a fifth of a linear
+    merge's time here). A no-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 @app.command()
 def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's format is accepted)."),
           output: Path = typer.Argument(..., help="Directory to write the merged model to."),
@@ -33,6 +47,7 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
     """Merge the models a RECIPE names into OUTPUT_DIR (a Hugging Face model directory)."""
     from mergesmith.merge import merge as run_merge
 
+    _reuse_freed_memory()
     progress = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
                         TimeElapsedColumn(), TextColumn("{task.fields[name]}"), console=console,
                         disable=quiet, transient=True)

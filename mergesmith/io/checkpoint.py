@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from collections.abc import Mapping
@@ -71,6 +72,17 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MergeError(f"{path}: not a readable safetensors file ({e}); is the download complete?") from None
     return header, 8 + size
+
+
+def _map_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over a private, copy-on-write mapping of its bytes: no copy and no fresh zeroed pages, just
+    the page cache. The mapping lives exactly as long as the tensor, so resident memory stays bounded by
+    the tensors in use, not by the model's size."""
+    skip = offset % mmap.ALLOCATIONGRANULARITY
+    if nbytes == 0 or skip % dtype.itemsize:  # empty, or misaligned for its dtype: copy instead
+        return _read_tensor(fd, offset, nbytes, dtype, shape)
+    mapping = mmap.mmap(fd, skip + nbytes, access=mmap.ACCESS_COPY, offset=offset - skip)
+    return torch.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=skip).reshape(shape)
 
 
 def _read_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -180,7 +192,7 @@ class CheckpointReader:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
         offset, nbytes = self._span[key]
         dtype, shape = self._meta[key]
-        return _read_tensor(fd, offset, nbytes, dtype, shape)
+        return _map_tensor(fd, offset, nbytes, dtype, shape)
 
     def close(self) -> None:
         if not hasattr(self, "_fds"):  # __init__ failed before opening anything
