@@ -145,7 +145,7 @@ _METHODS: dict[str, MergeMethod] = {}
 def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: BasePolicy = "required",
              min_models: int = 1, max_models: int | None = None, random: bool = False,
              upcast_inputs: bool = True, reference: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator that declares a merge method; the function's first docstring line is its summary.
+    """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
     ``upcast_inputs=False`` is for methods that only combine the other inputs with the compute-dtype
     base (or first input) through promoting operations: the engine then skips a float32 copy of each
@@ -155,7 +155,8 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
         if name in _METHODS:
             raise ValueError(f"merge method '{name}' is registered twice")
-        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+        # the docstring's first paragraph, on one line (it states the formula)
+        summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
                                      upcast_inputs, reference, summary)
         return function
