@@ -7,7 +7,7 @@ equal magnitudes unspecified.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -32,36 +32,39 @@ def keep_count(numel: int, density: float) -> int:
 _SAMPLE_MIN_N = 1 << 15  # below this, a plain selection is as fast as the sampled one
 
 
-def kth_smallest(values: Tensor, rank: int) -> Tensor:
-    """The exact entry of rank ``rank`` (0-based, ascending) of a flat tensor, in a few linear passes.
+def select(values: Tensor, rank: int) -> tuple[Tensor, Tensor, int]:
+    """The entry v of ``rank`` (0-based) in ascending order of a flat tensor, the positions of every entry
+    equal to v (ascending), and how many entries exceed v — in a few linear passes.
 
-    A fixed-seed sample brackets the answer; an exact selection then runs only on the entries inside the
-    bracket (a few percent of them). If the bracket misses, a full selection runs, so the answer never
-    depends on the sample.
+    A fixed-seed sample brackets v; an exact selection then runs only on the entries inside the bracket
+    (a few percent of them), which also hold all of v's ties. If the bracket misses, a full selection
+    runs, so the answer never depends on the sample.
     """
     n = values.numel()
-    if n < _SAMPLE_MIN_N:
-        return torch.kthvalue(values, rank + 1).values
-    size = min(1 << 14, n // 16)
-    generator = torch.Generator(device=values.device).manual_seed(0)
-    sample = values[torch.randint(n, (size,), generator=generator, device=values.device)].sort().values
-    quantile = rank / n
-    margin = 2.5 / size**0.5  # 5 standard deviations of a sample quantile, at worst (q = 1/2)
-    low = sample[max(0, int((quantile - margin) * size))]
-    high = sample[min(size - 1, int((quantile + margin) * size))]
-    at_least_low = values >= low
-    below = n - int(torch.count_nonzero(at_least_low))
-    inside = values[at_least_low.logical_and_(values <= high)]
-    if below <= rank < below + inside.numel():
-        return torch.kthvalue(inside, rank - below + 1).values
-    return torch.kthvalue(values, rank + 1).values
+    if n >= _SAMPLE_MIN_N:
+        size = min(1 << 14, n // 16)
+        generator = torch.Generator(device=values.device).manual_seed(0)
+        sample = values[torch.randint(n, (size,), generator=generator, device=values.device)].sort().values
+        margin = 2.5 / size**0.5  # 5 standard deviations of a sample quantile, at worst (q = 1/2)
+        low = sample[max(0, int((rank / n - margin) * size))]
+        high = sample[min(size - 1, int((rank / n + margin) * size))]
+        at_least_low = values >= low
+        below = n - int(torch.count_nonzero(at_least_low))
+        positions = at_least_low.logical_and_(values <= high).nonzero().squeeze(1)
+        inside = values[positions]
+        if below <= rank < below + inside.numel():
+            v = torch.kthvalue(inside, rank - below + 1).values
+            greater = n - below - inside.numel() + int(torch.count_nonzero(inside > v))
+            return v, positions[inside == v], greater
+    v = torch.kthvalue(values, rank + 1).values
+    return v, (values == v).nonzero().squeeze(1), int(torch.count_nonzero(values > v))
 
 
 def rank_range_mask(values: Tensor, start: int, stop: int) -> Tensor:
     """Mask of the entries whose rank in a stable ascending sort of ``values`` lies in [start, stop).
 
     Equal values are ranked by position, so exactly stop − start entries are kept and the result is
-    deterministic. Uses one or two selections (``kth_smallest``) instead of a sort.
+    deterministic. Uses one or two selections (``select``) instead of a sort.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -70,20 +73,24 @@ def rank_range_mask(values: Tensor, start: int, stop: int) -> Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     mask = torch.ones(n, dtype=torch.bool, device=flat.device)
     if start > 0:
-        low = kth_smallest(flat, start)
+        low, ties, greater = select(flat, start)
         torch.ge(flat, low, out=mask)
-        surplus = int(torch.count_nonzero(mask)) - (n - start)  # ties at `low` ranked below `start`: the earliest go
-        if surplus > 0:
-            mask[(flat == low).nonzero().squeeze(1)[:surplus]] = False
+        smaller = n - greater - ties.numel()
+        mask[ties[:start - smaller]] = False  # ties ranked below `start`: the earliest
     if stop < n:
-        high = kth_smallest(flat, stop - 1)
+        high, ties, greater = select(flat, stop - 1)
         within = flat <= high
-        surplus = int(torch.count_nonzero(within)) - stop  # ties at `high` ranked at or past `stop`: the latest go
-        if surplus > 0:
-            ties = (flat == high).nonzero().squeeze(1)
-            within[ties[ties.numel() - surplus:]] = False
+        smaller = n - greater - ties.numel()
+        within[ties[stop - smaller:]] = False  # ties ranked at or past `stop`: the latest
         mask &= within
     return mask.reshape(values.shape)
+
+
+def _top_threshold(magnitude: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """For keeping the k largest of a flat tensor (equal values: earlier positions first): the threshold
+    v (keep entries ≥ v) and the positions of the ties at v that must go anyway (0 < k < n)."""
+    v, ties, greater = select(magnitude, magnitude.numel() - k)
+    return v, ties[k - greater:]
 
 
 def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -94,13 +101,26 @@ def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
     k = keep_count(n, density)
     if k in (0, n):
         return torch.full_like(delta, k == n, dtype=torch.bool)
-    threshold = kth_smallest(magnitude, n - k)
+    threshold, dropped_ties = _top_threshold(magnitude, k)
     mask = magnitude >= threshold
-    surplus = int(torch.count_nonzero(mask)) - k
-    if surplus > 0:  # equal magnitudes at the threshold: the latest go
-        ties = (magnitude == threshold).nonzero().squeeze(1)
-        mask[ties[ties.numel() - surplus:]] = False
+    mask[dropped_ties] = False
     return mask.reshape(delta.shape)
+
+
+def keep_top_magnitude_(delta: Tensor, density: float) -> Tensor:
+    """In place: zero all but the entries of ``top_magnitude_mask`` (without building that mask)."""
+    flat = delta.view(-1)
+    n = flat.numel()
+    k = keep_count(n, density)
+    if k == n:
+        return delta
+    if k == 0:
+        return delta.zero_()
+    magnitude = flat.abs()
+    threshold, dropped_ties = _top_threshold(magnitude, k)
+    flat.masked_fill_(magnitude < threshold, 0)
+    flat[dropped_ties] = 0
+    return delta
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -130,15 +150,15 @@ def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) ->
     return (draws < density).to(delta.device)
 
 
-def mask_and_rescale_(delta: Tensor, mask: Tensor, density: float, rescale: str) -> Tensor:
-    """Zero the entries of ``delta`` outside ``mask``, in place, and rescale what survives.
+def drop_and_rescale_(delta: Tensor, drop_: Callable[[Tensor], object], density: float, rescale: str) -> Tensor:
+    """Zero entries of ``delta`` in place with ``drop_(delta)``, then rescale what survives.
 
     ``inverse_density``: divide by the keep probability, the DARE paper's unbiased 1/(1−p) rescale.
-    ``l1``: match the L1 norm of the unmasked delta (mergekit 0.1.5's ``rescale: true``).
+    ``l1``: match the L1 norm of the undropped delta (mergekit 0.1.5's ``rescale: true``).
     ``none``: no rescale. A zero density or an all-zero result returns zeros, never NaN.
     """
     before = delta.abs().sum() if rescale == "l1" else None
-    delta.masked_fill_(~mask, 0)
+    drop_(delta)
     if rescale == "inverse_density" and density > 0:
         delta.div_(density)
     elif before is not None:
@@ -146,6 +166,11 @@ def mask_and_rescale_(delta: Tensor, mask: Tensor, density: float, rescale: str)
         if before >= 1e-7 and after >= 1e-7:
             delta.mul_(before / after)
     return delta
+
+
+def outside(mask: Tensor) -> Callable[[Tensor], object]:
+    """A ``drop_`` for ``drop_and_rescale_`` that zeroes the entries outside ``mask``."""
+    return lambda delta: delta.masked_fill_(~mask, 0)
 
 
 def consensus_combine(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:

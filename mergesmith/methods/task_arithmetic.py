@@ -19,8 +19,9 @@ from mergesmith.methods.sparsify import (
     blocks,
     breadcrumbs_mask,
     consensus_combine,
-    mask_and_rescale_,
-    top_magnitude_mask,
+    drop_and_rescale_,
+    keep_top_magnitude_,
+    outside,
 )
 
 WEIGHT = Param("weight", float, 1.0, per_model=True, help="model weight w_i")
@@ -115,7 +116,7 @@ def _magnitude_trim(density: Sequence[float], rescale: str) -> Callable[[Tensor,
     def trim(delta: Tensor, i: int) -> Tensor:
         if density[i] >= 1:
             return delta
-        return mask_and_rescale_(delta, top_magnitude_mask(delta, density[i]), density[i], rescale)
+        return drop_and_rescale_(delta, lambda d: keep_top_magnitude_(d, density[i]), density[i], rescale)
     return trim
 
 
@@ -137,7 +138,7 @@ def _dare_drop(density: Sequence[float], rescale: str, generator: torch.Generato
     def drop(delta: Tensor, i: int) -> Tensor:
         if density[i] >= 1:
             return delta
-        return mask_and_rescale_(delta, bernoulli_mask(delta, density[i], generator), density[i], rescale)
+        return drop_and_rescale_(delta, outside(bernoulli_mask(delta, density[i], generator)), density[i], rescale)
     return drop
 
 
@@ -175,7 +176,7 @@ def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> C
     def crumb(delta: Tensor, i: int) -> Tensor:
         if density[i] >= 1:
             return delta
-        return mask_and_rescale_(delta, breadcrumbs_mask(delta, density[i], gamma[i]), density[i], rescale)
+        return drop_and_rescale_(delta, outside(breadcrumbs_mask(delta, density[i], gamma[i])), density[i], rescale)
     return crumb
 
 
