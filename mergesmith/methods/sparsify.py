@@ -107,20 +107,27 @@ def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
     return mask.reshape(delta.shape)
 
 
-def keep_top_magnitude_(delta: Tensor, density: float) -> Tensor:
-    """In place: zero all but the entries of ``top_magnitude_mask`` (without building that mask)."""
+def top_magnitude_floor_(delta: Tensor, density: float) -> Tensor:
+    """The TIES trim of ``top_magnitude_mask``, left lazy: zero in place only the tied entries at the
+    threshold that must go, and return the threshold. The trim is complete once entries whose magnitude
+    is below it count as zero, which ``consensus_combine`` applies block by block in cache instead of a
+    full pass over memory."""
     flat = delta.view(-1)
     n = flat.numel()
     k = keep_count(n, density)
-    if k == n:
-        return delta
-    if k == 0:
-        return delta.zero_()
-    magnitude = flat.abs()
-    threshold, dropped_ties = _top_threshold(magnitude, k)
-    flat.masked_fill_(magnitude < threshold, 0)
+    if k == n or k == 0:
+        if k == 0:
+            delta.zero_()
+        return flat.new_zeros(())
+    threshold, dropped_ties = _top_threshold(flat.abs(), k)
     flat[dropped_ties] = 0
-    return delta
+    return threshold
+
+
+def keep_top_magnitude_(delta: Tensor, density: float) -> Tensor:
+    """In place: zero all but the entries of ``top_magnitude_mask``."""
+    floor = top_magnitude_floor_(delta, density)
+    return delta.masked_fill_(delta.abs() < floor, 0)
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -173,13 +180,14 @@ def outside(mask: Tensor) -> Callable[[Tensor], object]:
     return lambda delta: delta.masked_fill_(~mask, 0)
 
 
-def consensus_combine(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:
+def consensus_combine(deltas: Tensor, weights: Tensor, *, normalize: bool, floors: Tensor | None = None) -> Tensor:
     """TIES's sign election and disjoint merge of task vectors ``deltas`` (n, *shape), weights (n,).
 
     With u_i = w_i τ_i: the sign s = sign(Σ_i u_i) is elected per entry (a sum of exactly 0 elects +);
     model i agrees where s·u_i > 0 (a zero entry has no sign and never agrees); the result is
     Σ_agree u_i, divided by Σ_agree w_i when ``normalize`` (1 where no model agrees). Runs in
-    cache-sized blocks, and the sums over models are matrix-vector products.
+    cache-sized blocks, and the sums over models are matrix-vector products. ``floors`` (n, 1): entries
+    of τ_i with magnitude below floors[i] count as zero.
     """
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)  # (n, entries)
@@ -187,6 +195,8 @@ def consensus_combine(deltas: Tensor, weights: Tensor, *, normalize: bool) -> Te
     merged = torch.empty(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
     for block in blocks(flat.shape[1]):
         part = flat[:, block]  # (n, block)
+        if floors is not None:  # finish lazy trims (top_magnitude_floor_)
+            part = torch.where(part.abs() >= floors, part, 0.0)
         elected = torch.where(weights @ part >= 0, 1.0, -1.0).to(part.dtype)
         agrees = ((part * elected) * weight_signs > 0).to(part.dtype)  # sign(w_i τ_i) = s
         total = weights @ (part * agrees)

@@ -22,7 +22,11 @@ from mergesmith.methods.sparsify import (
     drop_and_rescale_,
     keep_top_magnitude_,
     outside,
+    top_magnitude_floor_,
 )
+
+# drops entries of τ_i in place (returns None), or returns a magnitude floor to apply later
+Sparsifier = Callable[[Tensor, int], "Tensor | None"]
 
 WEIGHT = Param("weight", float, 1.0, per_model=True, help="model weight w_i")
 DENSITY = Param("density", float, 1.0, per_model=True, interval=(0.0, 1.0), help="fraction of τ_i kept")
@@ -67,8 +71,9 @@ def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[f
 
 def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *, scale: float,
                       normalize: bool, elect_sign: bool,
-                      sparsify: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
-    """θ_0 + λ · combine(w_i · sparsify(τ_i)); ``sparsify(τ_i, i)`` drops entries of τ_i in place.
+                      sparsify: Sparsifier | None = None) -> Tensor:
+    """θ_0 + λ · combine(w_i · sparsify(τ_i)); ``sparsify(τ_i, i)`` drops entries of τ_i in place, or
+    returns a magnitude floor below which entries count as dropped (see ``top_magnitude_floor_``).
 
     Without sign election the combine is linear, so it runs as θ_0 + Σ_i (λ w_i / D) sparsify(τ_i) with
     D = Σ_i w_i under ``normalize`` (else 1): one model at a time, or in cache-sized blocks when nothing
@@ -78,12 +83,14 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
         return base.clone()
     if elect_sign:
         deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+        floors = []
         for i, tensor in enumerate(tensors):
             torch.sub(tensor, base, out=deltas[i])
-            if sparsify is not None:
-                sparsify(deltas[i], i)  # in place
+            floor = sparsify(deltas[i], i) if sparsify is not None else None
+            floors.append(0.0 if floor is None else float(floor))
         w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
-        combined = consensus_combine(deltas, w, normalize=normalize)
+        floor_column = torch.tensor(floors, dtype=base.dtype, device=base.device).reshape(-1, 1)
+        combined = consensus_combine(deltas, w, normalize=normalize, floors=floor_column if any(floors) else None)
         if scale != 1:
             combined.mul_(scale)
         return combined.add_(base)
@@ -92,7 +99,11 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
     if sparsify is not None:
         merged = base.clone()
         for i, tensor in enumerate(tensors):
-            merged.add_(sparsify(torch.sub(tensor, base), i), alpha=coefficients[i])
+            delta = torch.sub(tensor, base)
+            floor = sparsify(delta, i)
+            if floor is not None:
+                delta.masked_fill_(delta.abs() < floor, 0)
+            merged.add_(delta, alpha=coefficients[i])
         return merged
     merged = torch.empty_like(base)
     out, flat_base, inputs = merged.view(-1), base.reshape(-1), [t.reshape(-1) for t in tensors]
@@ -112,11 +123,14 @@ def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence
     return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=False)
 
 
-def _magnitude_trim(density: Sequence[float], rescale: str) -> Callable[[Tensor, int], Tensor]:
-    def trim(delta: Tensor, i: int) -> Tensor:
+def _magnitude_trim(density: Sequence[float], rescale: str) -> Sparsifier:
+    def trim(delta: Tensor, i: int) -> Tensor | None:
         if density[i] >= 1:
-            return delta
-        return drop_and_rescale_(delta, lambda d: keep_top_magnitude_(d, density[i]), density[i], rescale)
+            return None
+        if rescale == "none":
+            return top_magnitude_floor_(delta, density[i])
+        drop_and_rescale_(delta, lambda d: keep_top_magnitude_(d, density[i]), density[i], rescale)
+        return None
     return trim
 
 
@@ -134,11 +148,10 @@ def ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], de
                              sparsify=trim)
 
 
-def _dare_drop(density: Sequence[float], rescale: str, generator: torch.Generator):
-    def drop(delta: Tensor, i: int) -> Tensor:
-        if density[i] >= 1:
-            return delta
-        return drop_and_rescale_(delta, outside(bernoulli_mask(delta, density[i], generator)), density[i], rescale)
+def _dare_drop(density: Sequence[float], rescale: str, generator: torch.Generator) -> Sparsifier:
+    def drop(delta: Tensor, i: int) -> None:
+        if density[i] < 1:
+            drop_and_rescale_(delta, outside(bernoulli_mask(delta, density[i], generator)), density[i], rescale)
     return drop
 
 
@@ -172,11 +185,10 @@ BREADCRUMB_PARAMS = [WEIGHT, DENSITY, GAMMA, LAMBDA, Param("normalize", bool, Fa
                      INT8_MASK]
 
 
-def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> Callable[[Tensor, int], Tensor]:
-    def crumb(delta: Tensor, i: int) -> Tensor:
-        if density[i] >= 1:
-            return delta
-        return drop_and_rescale_(delta, outside(breadcrumbs_mask(delta, density[i], gamma[i])), density[i], rescale)
+def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> Sparsifier:
+    def crumb(delta: Tensor, i: int) -> None:
+        if density[i] < 1:
+            drop_and_rescale_(delta, outside(breadcrumbs_mask(delta, density[i], gamma[i])), density[i], rescale)
     return crumb
 
 
