@@ -1,8 +1,7 @@
 """Speed benchmark: mergesmith (and optionally mergekit) on Llama-shaped bf16 checkpoints.
 
-Generates a base and three fine-tunes once (cached in --work-dir), writes one recipe per method, measures
-an I/O floor (read every input byte once from a warm page cache + write one model's bytes), then times
-`mergesmith merge` (and `mergekit-yaml` when --mergekit is given) as subprocesses, with the child's peak RSS.
+Generates a base and three fine-tunes once (cached in --work-dir) and one recipe per method, measures an I/O
+floor, then times `mergesmith merge` (and `mergekit-yaml` with --mergekit) as subprocesses, with peak RSS.
 
     python benchmarks/speed/bench_merge.py [--layers 2 --repeats 1] [--mergekit VENV/bin/mergekit-yaml]
 """
@@ -11,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -34,16 +34,14 @@ SHARD_BYTES = 200 * 10**6
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 FINETUNES = ("ft1", "ft2", "ft3")
 WEIGHTS = (0.4, 0.3, 0.3)
-CHUNK = 64 * 2**20
 
 
 def llama_config(args: argparse.Namespace) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-            "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
-            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": args.vocab,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "initializer_range": 0.02, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-            "bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
+            "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "vocab_size": args.vocab, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "initializer_range": 0.02,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
 
 
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -63,8 +61,7 @@ def shard_plan(specs: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str,
     for name, shape in specs:
         nbytes = 2 * torch.Size(shape).numel()
         if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
+            shards, size = [*shards, []], 0
         shards[-1].append((name, shape))
         size += nbytes
     return shards
@@ -79,11 +76,15 @@ def generate(args: argparse.Namespace) -> dict[str, Path]:
     if marker.exists() and json.loads(marker.read_text()) == cfg:
         return dirs
     shutil.rmtree(root, ignore_errors=True)
+    shards = shard_plan(tensor_specs(cfg))
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    total = sum(2 * torch.Size(s).numel() for _, s in tensor_specs(cfg))
+    weight_map = {name: file for shard, file in zip(shards, files) for name, _ in shard}
     for d in dirs.values():
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    shards = shard_plan(tensor_specs(cfg))
-    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     t0, counter = time.perf_counter(), 0
     for shard, file in zip(shards, files):
         out = {name: {} for name in dirs}
@@ -97,11 +98,6 @@ def generate(args: argparse.Namespace) -> dict[str, Path]:
                 out[ft][name] = (base + torch.randn(shape, generator=gen) * 0.001).to(torch.bfloat16)
         for model, tensors in out.items():
             save_file(tensors, str(dirs[model] / file), metadata={"format": "pt"})
-    total = sum(2 * torch.Size(s).numel() for _, s in tensor_specs(cfg))
-    weight_map = {name: file for shard, file in zip(shards, files) for name, _ in shard}
-    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    for d in dirs.values():
-        (d / "model.safetensors.index.json").write_text(index)
     marker.write_text(json.dumps(cfg))
     print(f"generated 4 models x {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s under {root}")
     return dirs
@@ -111,16 +107,13 @@ def write_recipes(dirs: dict[str, Path], recipe_dir: Path) -> dict[str, Path]:
     recipe_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for method in METHODS:
-        lines = [f"merge_method: {method}"]
-        if method != "linear":
-            lines.append(f"base_model: {dirs['base']}")
-        lines.append("models:")
+        base = [f"base_model: {dirs['base']}"] if method != "linear" else []  # linear ignores a base
+        lines = [f"merge_method: {method}", *base, "models:"]
         for ft, w in zip(FINETUNES, WEIGHTS):
             params = f"weight: {w}" + (", density: 0.5" if method in ("ties", "dare_ties") else "")
             lines += [f"  - model: {dirs[ft]}", f"    parameters: {{{params}}}"]
-        lines.append("dtype: bfloat16")
         paths[method] = recipe_dir / f"{method}.yaml"
-        paths[method].write_text("\n".join(lines) + "\n")
+        paths[method].write_text("\n".join([*lines, "dtype: bfloat16"]) + "\n")
     return paths
 
 
@@ -134,21 +127,20 @@ def time_read(files: list[Path], buf: bytearray) -> float:
 
 
 def time_write(nbytes: int, path: Path, buf: bytearray) -> float:
-    view = memoryview(buf)
     t0 = time.perf_counter()
     fd, left = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), nbytes
     while left:
-        left -= os.write(fd, view[:min(left, len(view))])
+        left -= os.write(fd, memoryview(buf)[:min(left, len(buf))])
     os.close(fd)
     elapsed = time.perf_counter() - t0
     path.unlink()
     return elapsed
 
 
-def run_timed(cmd: list[str], log: Path) -> tuple[float, float, int, int]:
-    """(wall s, CPU s, peak RSS bytes of the child's process tree, exit status) of one subprocess."""
+def run_timed(cmd: list[str], log: Path) -> dict:
+    """Wall time, CPU time, minor page faults and peak RSS (child process tree) of one subprocess."""
     gnu_time = shutil.which("time", path="/usr/bin")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
     with open(log, "w") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([gnu_time, "-v", *cmd] if gnu_time else cmd, cwd=REPO, stdout=err, stderr=err)
@@ -160,37 +152,45 @@ def run_timed(cmd: list[str], log: Path) -> tuple[float, float, int, int]:
             time.sleep(0.02)
         wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if gnu_time:
         match = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
         peak = int(match[-1]) * 1024 if match else 0
-    return wall, cpu, peak, proc.returncode
+    user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"wall_s": wall, "cpu_s": user + sys_, "user_s": user, "sys_s": sys_, "peak_rss_bytes": peak,
+            "minor_faults": after.ru_minflt - before.ru_minflt, "loadavg_before": load, "rc": proc.returncode}
 
 
-def bench_tool(tool: str, cmd_of, recipes: dict[str, Path], args: argparse.Namespace) -> dict:
-    results = {}  # per method: every run, the median wall and CPU time, the max peak RSS
+def bench(tools: dict, recipes: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
+    """Each tool on each recipe; repeats alternate between tools so that background load hits all alike."""
+    results: dict[str, dict] = {tool: {} for tool in tools}
     for method, recipe in recipes.items():
-        out = args.work_dir / f"out-{tool}-{method}"
-        log = args.work_dir / f"{tool}-{method}.log"
-        runs, error = [], None
+        runs, errors = {tool: [] for tool in tools}, dict.fromkeys(tools)
         for _ in range(args.repeats):
-            shutil.rmtree(out, ignore_errors=True)
-            load = os.getloadavg()[0]  # other work on the machine inflates wall times; CPU s is steadier
-            wall, cpu, peak, rc = run_timed(cmd_of(recipe, out), log)
-            shutil.rmtree(out, ignore_errors=True)
-            if rc != 0:
-                tail = [ln for ln in log.read_text().splitlines() if not ln.startswith("\t")]
-                error = "\n".join(tail[-15:])
-                print(f"  {tool} {method}: FAILED (exit {rc}); log {log}\n{error}")
-                break
-            runs.append({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak, "loadavg_before": load})
-            print(f"  {tool} {method}: {wall:.2f} s wall, {cpu:.2f} s CPU, peak RSS {peak / 1e9:.2f} GB, "
-                  f"load before {load:.2f}")
-        ok = bool(runs) and not error
-        results[method] = {"runs": runs, "error": error, **{
-            key: statistics.median(r[key] for r in runs) if ok else None for key in ("wall_s", "cpu_s")},
-            "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9 if ok else None}
+            for tool, cmd_of in tools.items():
+                out, log = args.work_dir / f"out-{tool}-{method}", args.work_dir / f"{tool}-{method}.log"
+                if errors[tool]:
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                run = {"source": source_hash(), **run_timed(cmd_of(recipe, out), log)}
+                shutil.rmtree(out, ignore_errors=True)
+                if run["rc"] != 0:
+                    errors[tool] = "\n".join([ln for ln in log.read_text().splitlines() if ln[:1] != "\t"][-15:])
+                    print(f"  {tool} {method}: FAILED (exit {run['rc']}); log {log}\n{errors[tool]}")
+                    continue
+                runs[tool].append(run)
+                print(f"  {tool} {method}: {run['wall_s']:.2f} s wall, {run['cpu_s']:.2f} s CPU, peak RSS "
+                      f"{run['peak_rss_bytes'] / 1e9:.2f} GB, load before {run['loadavg_before']:.2f}")
+        for tool, done in runs.items():
+            ok = bool(done) and not errors[tool]
+            results[tool][method] = {"runs": done, "error": errors[tool], **{
+                key: statistics.median(r[key] for r in done) if ok else None for key in ("wall_s", "cpu_s")},
+                "peak_rss_gb": max(r["peak_rss_bytes"] for r in done) / 1e9 if ok else None}
     return results
+
+
+def source_hash() -> str:
+    """Fingerprint of mergesmith's source as run (the working tree may change between runs)."""
+    return hashlib.sha1(b"".join(p.read_bytes() for p in sorted(REPO.glob("mergesmith/**/*.py")))).hexdigest()[:10]
 
 
 def machine_info(args: argparse.Namespace) -> dict:
@@ -198,13 +198,12 @@ def machine_info(args: argparse.Namespace) -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
     info = {"nproc": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
-    info["mergesmith_commit"] = git.stdout.strip() or "unknown"
+    info["mergesmith_commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
+                                               capture_output=True, text=True).stdout.strip()
     if args.mergekit:
-        py = Path(args.mergekit).parent / "python"
-        got = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                             capture_output=True, text=True)
-        info["mergekit"] = got.stdout.strip() or "unknown"
+        info["mergekit"] = subprocess.run([str(Path(args.mergekit).parent / "python"), "-c", "import importlib."
+                                           "metadata as m; print(m.version('mergekit'))"], capture_output=True,
+                                          text=True).stdout.strip()
     return info
 
 
@@ -219,30 +218,34 @@ def report(args, info, floors, ms, mk, command) -> str:
         a, b = ms[method], (mk or {}).get(method, {})
         ratio = a["wall_s"] / floors[method] if a["wall_s"] else None
         speedup = b["wall_s"] / a["wall_s"] if b.get("wall_s") and a["wall_s"] else None
-        mk_wall = "failed" if b.get("error") else fmt(b.get("wall_s"))
-        rows.append(f"| {method} | {fmt(a['wall_s'])} | {fmt(a['cpu_s'], '.1f')} | {fmt(a['peak_rss_gb'])} "
-                    f"| {fmt(ratio, '.1f')}x | {fmt(floors[method])} | {mk_wall} | {fmt(b.get('cpu_s'), '.1f')} "
-                    f"| {fmt(b.get('peak_rss_gb'))} | {fmt(speedup, '.2f') + 'x' if speedup else '—'} |")
+        cells = [fmt(a["wall_s"]), fmt(a["cpu_s"], ".1f"), fmt(a["peak_rss_gb"]), fmt(ratio, ".1f") + "x",
+                 fmt(floors[method]), "failed" if b.get("error") else fmt(b.get("wall_s")), fmt(b.get("cpu_s"), ".1f"),
+                 fmt(b.get("peak_rss_gb")), fmt(speedup, ".2f") + "x" if speedup else "—"]
+        rows.append("| " + " | ".join([method, *cells]) + " |")
     loads = [r["loadavg_before"] for tool in (ms, mk or {}) for m in tool.values() for r in m["runs"]]
-    machine = ", ".join(f"{k}: {v}" for k, v in info.items())
+    sources = sorted({r["source"] for m in ms.values() for r in m["runs"]})
+    changed = " WARNING: mergesmith's source changed between runs." if len(sources) > 1 else ""
     return "\n".join([
         "# mergesmith speed benchmark", "",
         f"Inputs: Llama-shaped bf16 checkpoints, {args.layers} layers, hidden {args.hidden}, "
-        f"{args.model_gb:.2f} GB per model in 200 MB shards; output bf16, 200 MB shards. "
+        f"{args.model_bytes / 1e9:.2f} GB per model in 200 MB shards; output bf16, 200 MB shards. "
         f"Median wall and CPU (user+sys) time of {args.repeats} run(s), max peak RSS (child process tree); "
         "speed-up = mergekit wall / mergesmith wall.", "",
         "I/O floor = read every input shard once from a warm page cache + write one model's bytes "
         f"(no fsync). Read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s.", "",
         *rows, "",
         f"1-minute load average before a run: {min(loads, default=0):.2f} to {max(loads, default=0):.2f} "
-        f"(above {os.cpu_count()} means other work shared the CPUs and wall times are inflated).", "",
-        f"Machine: {machine}", "",
+        f"(above {os.cpu_count()} means other work shared the CPUs and wall times are inflated). Start-up "
+        "(`--help`) wall time, part of every run: " + ", ".join(f"{t} {s:.1f} s" for t, s in args.startup.items())
+        + f". mergesmith source: {', '.join(sources)}.{changed}", "",
+        "Machine: " + ", ".join(f"{k}: {v}" for k, v in info.items()), "",
         "Reproduce (from the repository root):", "", f"    {command}", ""])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-dir", type=Path, default=HERE / "work", help="models, recipes, outputs (cached)")
+    ap.add_argument("--work-dir", type=lambda p: Path(p).resolve(), default=HERE / "work",
+                    help="models (cached), recipes, outputs")
     ap.add_argument("--layers", type=int, default=16, help="decoder layers (2 for a quick smoke run)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
@@ -252,7 +255,6 @@ def main() -> None:
     ap.add_argument("--mergekit", help="path to a mergekit-yaml executable (its own venv) to compare with")
     ap.add_argument("--results", type=Path, default=HERE, help="directory for results.md and results.json")
     args = ap.parse_args()
-    args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
 
@@ -260,10 +262,9 @@ def main() -> None:
     dirs = generate(args)
     recipes = {m: p for m, p in write_recipes(dirs, args.work_dir / "recipes").items() if m in args.methods}
     files = {name: sorted(d.glob("*.safetensors")) for name, d in dirs.items()}
-    model_bytes = sum(f.stat().st_size for f in files["base"])
-    args.model_gb = model_bytes / 1e9
+    model_bytes = args.model_bytes = sum(f.stat().st_size for f in files["base"])
 
-    buf = bytearray(CHUNK)
+    buf = bytearray(64 * 2**20)
     time_read([f for fs in files.values() for f in fs], buf)  # warm the page cache
     reads = {name: statistics.median(time_read(fs, buf) for _ in range(args.repeats)) for name, fs in files.items()}
     write_s = statistics.median(time_write(model_bytes, args.work_dir / "write-floor.bin", buf)
@@ -272,28 +273,26 @@ def main() -> None:
     args.write_gbps = model_bytes / 1e9 / write_s
     floors = {m: sum(reads[n] for n in FINETUNES) + (reads["base"] if m != "linear" else 0) + write_s
               for m in METHODS}
-    print(f"I/O floor: read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s; "
-          + ", ".join(f"{m} {floors[m]:.2f} s" for m in recipes))
+    print(f"I/O floor: read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s; {floors['ties']:.2f} s")
 
-    ms = bench_tool("mergesmith", lambda r, o: [sys.executable, "-m", "mergesmith.cli", "merge", str(r), str(o),
-                                                "--overwrite", "--max-shard-size", "200MB", "--quiet"],
-                    recipes, args)
-    mk = None
-    if args.mergekit:
-        env_cmd = ["env", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1"]
-        mk = bench_tool("mergekit", lambda r, o: [*env_cmd, args.mergekit, str(r), str(o),
-                                                  "--out-shard-size", "100M",  # parameters: 200 MB of bf16
-                                                  "--lazy-unpickle", "--allow-crimes", "--no-copy-tokenizer",
-                                                  "--device", "cpu", "--random-seed", "0", "--quiet"],
-                        recipes, args)
+    tools = {"mergesmith": lambda r, o: [sys.executable, "-m", "mergesmith.cli", "merge", str(r), str(o),
+                                         "--overwrite", "--max-shard-size", "200MB", "--quiet"]}
+    if args.mergekit:  # 0.1.5 reads --out-shard-size as bytes, whatever its --help says
+        tools["mergekit"] = lambda r, o: ["env", "HF_HUB_OFFLINE=1", args.mergekit, str(r), str(o),
+                                          "--out-shard-size", "200M", "--lazy-unpickle", "--allow-crimes",
+                                          "--no-copy-tokenizer", "--device", "cpu", "--random-seed", "0", "--quiet"]
+    helps = {"mergesmith": [sys.executable, "-m", "mergesmith.cli", "--help"], "mergekit": [args.mergekit, "--help"]}
+    args.startup = {t: statistics.median(run_timed(helps[t], args.work_dir / "help.log")["wall_s"]
+                                         for _ in range(args.repeats)) for t in tools}
+    results = bench(tools, recipes, args)
 
-    text = report(args, info, floors, ms, mk, command)
+    text = report(args, info, floors, results["mergesmith"], results.get("mergekit"), command)
     print("\n" + text)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "results.md").write_text(text)
-    (args.results / "results.json").write_text(json.dumps(
-        {"command": command, "machine": info, "model_bytes": model_bytes, "read_s": reads, "write_s": write_s,
-         "io_floor_s": floors, "repeats": args.repeats, "mergesmith": ms, "mergekit": mk}, indent=2))
+    record = {"command": command, "machine": info, "model_bytes": model_bytes, "read_s": reads, "write_s": write_s,
+              "io_floor_s": floors, "startup_s": args.startup, "repeats": args.repeats, **results}
+    (args.results / "results.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
