@@ -606,3 +606,33 @@ def test_gpt2_small_tensors(gpt2, write_recipe, tmp_path, method):
     written = run_merge(write_recipe, recipe, out)
     assert_tensors(written, expected)
     assert_reloads(out, n_layers=2)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "breadcrumbs"])
+def test_bfloat16_inputs_are_combined_in_float32(method):
+    """Stored bfloat16 inputs must be widened before any arithmetic: a product formed in bfloat16 (for
+    instance a scalar times a bfloat16 tensor) loses ~3 significant digits. Compared with a float64
+    computation of the same formula on the same (exactly representable) inputs."""
+    g = torch.Generator().manual_seed(0)
+    shape = (64, 48)
+    states = {name: {"w": torch.randn(shape, generator=g).to(torch.bfloat16)} for name in ("base", "a", "b")}
+    weights = {"a": 0.37, "b": 0.61}
+    recipe = {"merge_method": method, "base_model": "base", "out_dtype": "float32",
+              "models": [{"model": m, "parameters": {"weight": w}} for m, w in weights.items()]}
+    merged = mergesmith.merge_state_dicts(recipe, states)["w"]
+    x = {name: state["w"].double() for name, state in states.items()}
+    if method == "linear":
+        expected = (weights["a"] * x["a"] + weights["b"] * x["b"]) / sum(weights.values())
+    else:  # density defaults to 1: no entry is dropped, every method is task arithmetic here
+        expected = x["base"] + weights["a"] * (x["a"] - x["base"]) + weights["b"] * (x["b"] - x["base"])
+        if method == "ties":  # TIES normalises by the summed weights of the agreeing models
+            expected = None
+    if expected is None:
+        tv = torch.stack([x["a"] - x["base"], x["b"] - x["base"]])
+        w = torch.tensor([weights["a"], weights["b"]], dtype=torch.float64).reshape(2, 1, 1)
+        u = w * tv
+        elected = torch.where(u.sum(0) >= 0, 1.0, -1.0)
+        agree = (u * elected) > 0
+        divisor = (w * agree).sum(0)
+        expected = x["base"] + (u * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
+    torch.testing.assert_close(merged.double(), expected, rtol=2e-6, atol=2e-6)

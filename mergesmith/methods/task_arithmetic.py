@@ -15,6 +15,7 @@ from torch import Tensor
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import Param, register
 from mergesmith.methods.sparsify import (
+    BLOCK,
     bernoulli_mask,
     blocks,
     breadcrumbs_mask,
@@ -62,10 +63,14 @@ def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[f
     coefficients = [w / divisor for w in weight]
     merged = torch.empty_like(tensors[0])
     out, inputs = merged.view(-1), [t.reshape(-1) for t in tensors]
+    scratch = torch.empty(min(out.numel(), BLOCK), dtype=merged.dtype, device=merged.device)
     for block in blocks(out.numel()):
-        torch.mul(inputs[0][block], coefficients[0], out=out[block])
+        # inputs may be stored in bfloat16: widen each block explicitly (a scalar product would stay in
+        # bfloat16, and mixed-dtype kernels are several times slower than a copy plus a float32 op)
+        out[block].copy_(inputs[0][block]).mul_(coefficients[0])
         for tensor, c in zip(inputs[1:], coefficients[1:]):
-            out[block].add_(tensor[block], alpha=c)
+            widened = scratch[:out[block].numel()].copy_(tensor[block])
+            out[block].add_(widened, alpha=c)
     return merged
 
 
@@ -85,7 +90,7 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
         deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
         floors = []
         for i, tensor in enumerate(tensors):
-            torch.sub(tensor, base, out=deltas[i])
+            deltas[i].copy_(tensor).sub_(base)  # widen first: mixed-dtype subtraction is much slower
             floor = sparsify(deltas[i], i) if sparsify is not None else None
             floors.append(0.0 if floor is None else float(floor))
         w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
@@ -99,7 +104,7 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
     if sparsify is not None:
         merged = base.clone()
         for i, tensor in enumerate(tensors):
-            delta = torch.sub(tensor, base)
+            delta = tensor.to(base.dtype, copy=True).sub_(base)
             floor = sparsify(delta, i)
             if floor is not None:
                 delta.masked_fill_(delta.abs() < floor, 0)
@@ -107,10 +112,12 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
         return merged
     merged = torch.empty_like(base)
     out, flat_base, inputs = merged.view(-1), base.reshape(-1), [t.reshape(-1) for t in tensors]
+    scratch = torch.empty(min(out.numel(), BLOCK), dtype=base.dtype, device=base.device)
     for block in blocks(out.numel()):
         out[block].copy_(flat_base[block])
         for tensor, c in zip(inputs, coefficients):
-            out[block].add_(tensor[block] - flat_base[block], alpha=c)
+            delta = scratch[:out[block].numel()].copy_(tensor[block]).sub_(flat_base[block])
+            out[block].add_(delta, alpha=c)
     return merged
 
 
