@@ -1,0 +1,207 @@
+"""Measure curvature statistics of a model on data: diagonal Fisher, RegMean Gram matrices, K-FAC factors.
+
+``measure(model, batches, kinds=..., log_likelihood=...)`` works on any ``nn.Module``. Each batch is a
+dict of tensors whose first dimension is the example; ``log_likelihood(model, batch)`` returns the
+per-example log-likelihoods, shape (batch,). An ``attention_mask`` entry of shape (batch, tokens), when
+present, marks the rows (tokens) that count: padding is left out of every Gram and K-FAC statistic.
+
+Definitions (docs/statistics.md):
+
+- ``fisher``: F = mean over examples n of (∂ log p(y_n | x_n) / ∂θ)², from per-example gradients (never the
+  square of a batch gradient). Labels come from the data (the *empirical* Fisher).
+- ``gram``: for every ``nn.Linear``, G = XᵀX / rows over its input rows X (tokens), padding excluded.
+- ``kfac``: for every ``nn.Linear``, A = mean over rows of a aᵀ (a = the input row, with a trailing 1
+  appended when the layer has a bias) and G = mean over rows of g gᵀ (g = ∂ Σ_n log p(y_n|x_n) / ∂ output
+  row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mergesmith.errors import MergeError
+from mergesmith.io.sidecar import model_identity, save_stats
+
+LogLikelihood = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
+KIND_NAMES = ("fisher", "gram", "kfac")
+
+
+@dataclass
+class Statistics:
+    """Means of measured statistics, with the count behind each (examples or rows)."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    model: str = ""
+    fisher_variant: str | None = None
+
+    def save(self, directory: str | Path) -> Path:
+        return save_stats(directory, self.tensors, self.counts, model=self.model,
+                          fisher_variant=self.fisher_variant)
+
+
+class _Sums:
+    """Running sums and counts, turned into means at the end."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, total: Tensor, count: int) -> None:
+        total = total.detach().to(self.dtype)
+        if key in self.sums:
+            self.sums[key] += total
+        else:
+            self.sums[key] = total.clone()
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def means(self) -> tuple[dict[str, Tensor], dict[str, int]]:
+        return ({k: v / max(self.counts[k], 1) for k, v in self.sums.items()}, dict(self.counts))
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers Gram and K-FAC statistics are kept for: ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            found[name] = module
+    return found
+
+
+def _rows(x: Tensor, row_mask: Tensor | None) -> Tensor:
+    """The rows (..., features) → (rows, features) that count: those where ``row_mask`` is true when it
+    matches the leading dimensions, else all of them."""
+    rows = x.reshape(-1, x.shape[-1])
+    if row_mask is not None and tuple(x.shape[:-1]) == tuple(row_mask.shape):
+        rows = rows[row_mask.reshape(-1).bool()]
+    return rows
+
+
+@contextmanager
+def _layer_hooks(modules: dict[str, nn.Module], sums: _Sums, *, gram: bool, kfac: bool,
+                 row_mask: Callable[[], Tensor | None]):
+    handles = []
+
+    def on_forward(name: str, module: nn.Module):
+        def hook(_module, inputs, output):
+            mask = row_mask()
+            x = _rows(inputs[0].detach(), mask).to(sums.dtype)
+            if gram:
+                sums.add(f"gram/{name}", x.T @ x, x.shape[0])
+            if kfac:
+                a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if module.bias is not None else x
+                sums.add(f"kfac_a/{name}", a.T @ a, a.shape[0])
+                if output.requires_grad:
+                    def on_grad(g: Tensor) -> None:
+                        rows = _rows(g.detach(), mask).to(sums.dtype)
+                        sums.add(f"kfac_g/{name}", rows.T @ rows, rows.shape[0])
+                    output.register_hook(on_grad)
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(on_forward(name, module)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+class _Objective(nn.Module):
+    """Σ of the log-likelihoods of a batch, as a module, so ``torch.func.functional_call`` can swap in
+    the parameters that ``grad`` differentiates."""
+
+    def __init__(self, model: nn.Module, log_likelihood: LogLikelihood):
+        super().__init__()
+        self.model = model
+        self.log_likelihood = log_likelihood
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.log_likelihood(self.model, batch).sum()
+
+
+def per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
+                          chunk_size: int | None = None) -> dict[str, Tensor]:
+    """∂ log p(y_n|x_n) / ∂θ for every example n of ``batch``, stacked: {name: (batch, *shape)}.
+
+    One vectorised pass with ``torch.func`` (vmap over the examples of grad of the single-example
+    log-likelihood), in chunks of ``chunk_size`` examples to bound memory.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    objective = _Objective(model, log_likelihood)
+    params = {f"model.{name}": p.detach() for name, p in _trainable(model).items()}
+    buffers = {f"model.{name}": b for name, b in model.named_buffers()}
+
+    def single(parameters: dict[str, Tensor], example: dict[str, Tensor]) -> Tensor:
+        one = {k: v.unsqueeze(0) for k, v in example.items()}
+        return functional_call(objective, {**parameters, **buffers}, (one,))
+
+    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+    grads = vmap(grad(single), in_dims=(None, 0), chunk_size=chunk_size)(params, tensors)
+    return {name.removeprefix("model."): g for name, g in grads.items()}
+
+
+def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_likelihood: LogLikelihood,
+            kinds: Iterable[str] = ("fisher",), accumulate_dtype: torch.dtype = torch.float32,
+            chunk_size: int | None = 8) -> Statistics:
+    """Measure ``kinds`` (any of fisher, gram, kfac) of ``model`` over ``batches`` in one pass each batch.
+
+    Every statistic is a mean (Fisher over examples, Gram and K-FAC over non-padding rows) and keeps its
+    count, so statistics measured on disjoint data combine exactly (``combine_stats``).
+    """
+    kinds = tuple(dict.fromkeys(kinds))
+    for kind in kinds:
+        if kind not in KIND_NAMES:
+            raise MergeError(f"unknown statistic kind '{kind}' (valid: {', '.join(KIND_NAMES)})")
+    layers = linear_modules(model) if {"gram", "kfac"} & set(kinds) else {}
+    if {"gram", "kfac"} & set(kinds) and not layers:
+        raise MergeError(f"{type(model).__name__} has no Linear layers: gram and kfac statistics need them")
+    sums = _Sums(accumulate_dtype)
+    current_mask: list[Tensor | None] = [None]
+    seen = 0
+    was_training = model.training
+    model.eval()  # statistics of the deterministic model: no dropout
+    try:
+        for batch in batches:
+            current_mask[0] = batch.get("attention_mask")
+            examples = _batch_size(batch)
+            seen += examples
+            if layers:
+                with _layer_hooks(layers, sums, gram="gram" in kinds, kfac="kfac" in kinds,
+                                  row_mask=lambda: current_mask[0]):
+                    if "kfac" in kinds:
+                        model.zero_grad(set_to_none=True)
+                        log_likelihood(model, batch).sum().backward()
+                    else:
+                        with torch.no_grad():
+                            log_likelihood(model, batch)
+            if "fisher" in kinds:
+                for name, g in per_example_gradients(model, batch, log_likelihood, chunk_size).items():
+                    sums.add(f"fisher/{name}", g.to(accumulate_dtype).square().sum(dim=0), examples)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if seen == 0:
+        raise MergeError("no data: the batches were empty, so there is nothing to measure")
+    tensors, counts = sums.means()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return Statistics(tensors, counts, model_identity(shapes), "empirical" if "fisher" in kinds else None)
+
+
+def _batch_size(batch: Mapping[str, Tensor]) -> int:
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise MergeError(f"a batch's tensors must share their first (example) dimension, got sizes {sorted(sizes)}")
+    return sizes.pop()

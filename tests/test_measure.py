@@ -1,0 +1,163 @@
+"""Measured statistics against independent computations: brute-force per-example backward passes for the
+Fisher, inputs and output gradients recorded by hand for Gram and K-FAC, padded against unpadded data,
+and combining halves against measuring the whole."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mergesmith.errors import MergeError
+from mergesmith.io.sidecar import StatsReader, combine_stats
+from mergesmith.measure import measure
+
+F64 = torch.float64
+
+
+class TinyLM(nn.Module):
+    """Embedding, LayerNorm, one attention block built from Linear layers, and an LM head."""
+
+    def __init__(self, vocab: int = 11, width: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.norm = nn.LayerNorm(width)
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.width = width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(input_ids))
+        scores = self.query(h) @ self.key(h).transpose(-1, -2) / math.sqrt(self.width)
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=h.device).tril()
+        visible = causal & attention_mask.bool()[..., None, :]
+        weights = torch.softmax(scores.masked_fill(~visible, -1e9), dim=-1)
+        return self.head(self.norm(h + weights @ self.value(h)))
+
+
+def lm_log_likelihood(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Per-sequence log-likelihood: the sum over its non-padding target tokens."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["input_ids"][:, 1:]
+    token = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (token * batch["attention_mask"][:, 1:]).sum(dim=-1)
+
+
+SEQUENCES = [[3, 5, 1, 7, 2], [4, 4, 9], [1, 2, 3, 4, 5, 6, 7], [8, 6]]
+
+
+def padded_batch(sequences: list[list[int]]) -> dict:
+    length = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def tiny_lm() -> TinyLM:
+    torch.manual_seed(0)
+    return TinyLM().to(F64)
+
+
+def test_per_example_fisher_equals_a_brute_force_loop(tiny_lm):
+    stats = measure(tiny_lm, [padded_batch(SEQUENCES[:3]), padded_batch(SEQUENCES[3:])],
+                    log_likelihood=lm_log_likelihood, kinds=["fisher"], accumulate_dtype=F64)
+    expected = {name: torch.zeros_like(p) for name, p in tiny_lm.named_parameters()}
+    for seq in SEQUENCES:  # one backward pass per example
+        tiny_lm.zero_grad()
+        lm_log_likelihood(tiny_lm, padded_batch([seq])).sum().backward()
+        for name, p in tiny_lm.named_parameters():
+            expected[name] += p.grad.square()
+    for name, total in expected.items():
+        got = stats.tensors[f"fisher/{name}"]
+        assert stats.counts[f"fisher/{name}"] == len(SEQUENCES)
+        assert torch.linalg.norm(got - total / len(SEQUENCES)) <= 1e-6 * torch.linalg.norm(total / len(SEQUENCES))
+
+
+def test_fisher_is_not_the_square_of_the_batch_gradient(tiny_lm):
+    stats = measure(tiny_lm, [padded_batch(SEQUENCES)], log_likelihood=lm_log_likelihood, kinds=["fisher"],
+                    accumulate_dtype=F64)
+    tiny_lm.zero_grad()
+    lm_log_likelihood(tiny_lm, padded_batch(SEQUENCES)).sum().backward()
+    squared_batch = tiny_lm.query.weight.grad.square() / len(SEQUENCES)
+    assert not torch.allclose(stats.tensors["fisher/query.weight"], squared_batch)
+
+
+def test_padding_changes_no_statistic(tiny_lm):
+    together = measure(tiny_lm, [padded_batch(SEQUENCES)], log_likelihood=lm_log_likelihood,
+                       kinds=["fisher", "gram", "kfac"], accumulate_dtype=F64)
+    alone = measure(tiny_lm, [padded_batch([seq]) for seq in SEQUENCES], log_likelihood=lm_log_likelihood,
+                    kinds=["fisher", "gram", "kfac"], accumulate_dtype=F64)
+    assert together.counts == alone.counts
+    assert together.counts["gram/query"] == sum(map(len, SEQUENCES))  # tokens, padding excluded
+    for key, value in alone.tensors.items():
+        torch.testing.assert_close(together.tensors[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_gram_and_kfac_equal_direct_computation_on_an_mlp():
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    x = torch.randn(10, 4, dtype=F64)
+    y = torch.randint(0, 3, (10,))
+
+    def classify(model, batch):
+        return torch.log_softmax(model(batch["x"]), -1).gather(-1, batch["y"][:, None]).squeeze(-1)
+
+    stats = measure(mlp, [{"x": x[:6], "y": y[:6]}, {"x": x[6:], "y": y[6:]}], log_likelihood=classify,
+                    kinds=["gram", "kfac"], accumulate_dtype=F64)
+    hidden_in = x
+    hidden_out = mlp[0](x)
+    head_in = torch.tanh(hidden_out)
+    hidden_out.retain_grad()
+    logits = mlp[2](head_in)
+    logits.retain_grad()
+    torch.log_softmax(logits, -1).gather(-1, y[:, None]).sum().backward()
+    ones = torch.ones(10, 1, dtype=F64)
+    direct = {
+        "gram/0": hidden_in.T @ hidden_in / 10, "gram/2": head_in.T @ head_in / 10,
+        "kfac_a/0": torch.cat([hidden_in, ones], 1).T @ torch.cat([hidden_in, ones], 1) / 10,
+        "kfac_a/2": torch.cat([head_in, ones], 1).T @ torch.cat([head_in, ones], 1) / 10,
+        "kfac_g/0": hidden_out.grad.T @ hidden_out.grad / 10, "kfac_g/2": logits.grad.T @ logits.grad / 10,
+    }
+    assert set(stats.tensors) == set(direct)
+    for key, value in direct.items():
+        torch.testing.assert_close(stats.tensors[key], value.detach(), rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_combining_halves_equals_measuring_the_whole(tiny_lm, tmp_path):
+    kinds = ["fisher", "gram", "kfac"]
+    whole = measure(tiny_lm, [padded_batch(SEQUENCES)], log_likelihood=lm_log_likelihood, kinds=kinds)
+    measure(tiny_lm, [padded_batch(SEQUENCES[:1])], log_likelihood=lm_log_likelihood, kinds=kinds).save(tmp_path / "a")
+    measure(tiny_lm, [padded_batch(SEQUENCES[1:])], log_likelihood=lm_log_likelihood, kinds=kinds).save(tmp_path / "b")
+    combine_stats([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    combined = StatsReader(tmp_path / "ab")
+    assert combined.counts == whole.counts
+    assert combined.fisher_variant == "empirical"
+    for key, value in whole.tensors.items():
+        torch.testing.assert_close(combined.get(key), value.float(), rtol=1e-5, atol=1e-9, msg=key)
+
+
+def test_statistics_of_another_model_do_not_combine(tiny_lm, tmp_path):
+    measure(tiny_lm, [padded_batch(SEQUENCES)], log_likelihood=lm_log_likelihood, kinds=["gram"]).save(tmp_path / "a")
+    other = TinyLM(width=4).to(F64)
+    measure(other, [padded_batch(SEQUENCES)], log_likelihood=lm_log_likelihood, kinds=["gram"]).save(tmp_path / "b")
+    with pytest.raises(MergeError, match="another model"):
+        combine_stats([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert not (tmp_path / "ab").exists()
+
+
+def test_bad_input_is_a_clear_error(tiny_lm):
+    with pytest.raises(MergeError, match="no data"):
+        measure(tiny_lm, [], log_likelihood=lm_log_likelihood, kinds=["gram"])
+    with pytest.raises(MergeError, match="unknown statistic kind 'hessian'"):
+        measure(tiny_lm, [padded_batch(SEQUENCES)], log_likelihood=lm_log_likelihood, kinds=["hessian"])
+    no_linear = nn.Sequential(nn.Embedding(11, 4))
+    with pytest.raises(MergeError, match="no Linear layers"):
+        measure(no_linear, [{"x": torch.zeros(2, dtype=torch.long)}], log_likelihood=lambda m, b: m(b["x"]).sum(-1),
+                kinds=["gram"])
