@@ -91,6 +91,88 @@ def demo(workdir: Path = typer.Option(None, help="Where to keep the demo's model
     run_demo(workdir=workdir, steps=steps, console=console)
 
 
+@app.command()
+def measure(model: Path = typer.Argument(..., help="Local Hugging Face model directory."),
+            data: Path = typer.Option(..., "--data", help="JSONL, CSV, text (one example per line), parquet, "
+                                      "or a saved `datasets` directory."),
+            output: Path = typer.Option(..., "-o", "--output", help="Sidecar directory to write."),
+            kind: list[str] = typer.Option(["fisher"], help="fisher, gram or kfac; repeat for several."),
+            task: str = typer.Option(None, help="causal-lm or seq-cls (default: from config.json)."),
+            text_field: str = typer.Option("text"), label_field: str = typer.Option(None),
+            max_length: int = typer.Option(512), batch_size: int = typer.Option(8),
+            max_examples: int = typer.Option(None), seed: int = typer.Option(0),
+            device: str = typer.Option("cpu"), fisher: str = typer.Option("empirical", help="Fisher variant."),
+            trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (off).")) -> None:
+    """Measure curvature statistics of MODEL on DATA into a sidecar (docs/statistics.md)."""
+    import torch
+
+    from mergesmith.measure import measure as run_measure
+    from mergesmith.measure.data import load_examples
+    from mergesmith.measure.hf import (
+        TASKS,
+        batches,
+        causal_lm_log_likelihood,
+        check_labels,
+        infer_task,
+        load_model,
+        seq_cls_log_likelihood,
+    )
+
+    if fisher != "empirical":
+        raise MergeError(f"--fisher {fisher}: only the empirical Fisher is implemented so far")
+    task = task or infer_task(model)
+    if task not in TASKS:
+        raise MergeError(f"--task {task}: expected one of {', '.join(TASKS)}")
+    examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
+                             max_examples=max_examples, seed=seed)
+    network, tokenizer = load_model(model, task, trust_remote_code=trust_remote_code)
+    check_labels(examples, network, task, data)
+    network.to(device)
+    log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
+    stream = batches(examples, tokenizer, batch_size=batch_size, max_length=max_length, device=torch.device(device))
+    progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
+                        TimeElapsedColumn(), console=console, transient=True)
+    with progress:
+        counter = progress.add_task("measure", total=len(examples))
+
+        def counted():
+            for batch in stream:
+                yield batch
+                progress.update(counter, advance=batch["input_ids"].shape[0])
+
+        stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kind)
+    path = stats.save(output)
+    console.print(f"{len(examples)} examples, {len(stats.tensors)} statistics ({', '.join(kind)}) → {path}")
+
+
+stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics sidecars.")
+app.add_typer(stats_app, name="stats")
+
+
+@stats_app.command("combine")
+def stats_combine(sources: list[Path] = typer.Argument(..., help="Sidecars of one model, measured on disjoint data."),
+                  output: Path = typer.Option(..., "-o", "--output")) -> None:
+    """Combine sidecars exactly: count-weighted means."""
+    from mergesmith.io.sidecar import combine_stats
+
+    console.print(f"wrote {combine_stats(list(sources), output)}")
+
+
+@stats_app.command("inspect")
+def stats_inspect(source: Path = typer.Argument(..., help="A sidecar directory.")) -> None:
+    """Print what a sidecar holds."""
+    from mergesmith.io.sidecar import StatsReader
+
+    reader = StatsReader(source)
+    table = Table(title=f"{reader.path} — model {reader.model}, fisher {reader.fisher_variant or '-'}")
+    for column in ("statistic", "shape", "count", "mean"):
+        table.add_column(column)
+    for key in sorted(reader.keys()):
+        tensor = reader.get(key)
+        table.add_row(key, str(tuple(tensor.shape)), str(reader.counts[key]), f"{tensor.mean().item():.3e}")
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: a MergeError is one line on stderr and exit status 2, never a traceback."""
     try:

@@ -17,7 +17,7 @@ Definitions (docs/statistics.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +153,33 @@ def per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor], log_lik
     return {name.removeprefix("model."): g for name, g in grads.items()}
 
 
+def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
+                           chunk_size: int | None, mode: dict[str, bool]) -> Iterator[tuple[str, Tensor]]:
+    """Σ_n (∂ log p(y_n|x_n)/∂θ)² over the examples of a batch, per parameter.
+
+    Vectorised with ``torch.func`` where the model allows it; models with data-dependent control flow
+    (Hugging Face's attention-mask builders, for one) fall back, once and for good, to one backward pass
+    per example, which gives the same numbers more slowly.
+    """
+    if mode["vectorised"]:
+        try:
+            grads = per_example_gradients(model, batch, log_likelihood, chunk_size)
+            return ((name, g.square().sum(dim=0)) for name, g in grads.items())
+        except RuntimeError as e:
+            if "vmap" not in str(e) and "functorch" not in str(e):
+                raise
+            mode["vectorised"] = False
+    params = _trainable(model)
+    totals = {name: torch.zeros_like(p) for name, p in params.items()}
+    for n in range(_batch_size(batch)):
+        example = {k: v[n:n + 1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+        grads = torch.autograd.grad(log_likelihood(model, example).sum(), list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), grads):
+            if g is not None:
+                totals[name] += g.square()
+    return iter(totals.items())
+
+
 def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_likelihood: LogLikelihood,
             kinds: Iterable[str] = ("fisher",), accumulate_dtype: torch.dtype = torch.float32,
             chunk_size: int | None = 8) -> Statistics:
@@ -170,6 +197,7 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
         raise MergeError(f"{type(model).__name__} has no Linear layers: gram and kfac statistics need them")
     sums = _Sums(accumulate_dtype)
     current_mask: list[Tensor | None] = [None]
+    mode = {"vectorised": True}  # switched off for models torch.func cannot trace (see below)
     seen = 0
     was_training = model.training
     model.eval()  # statistics of the deterministic model: no dropout
@@ -188,8 +216,8 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
                         with torch.no_grad():
                             log_likelihood(model, batch)
             if "fisher" in kinds:
-                for name, g in per_example_gradients(model, batch, log_likelihood, chunk_size).items():
-                    sums.add(f"fisher/{name}", g.to(accumulate_dtype).square().sum(dim=0), examples)
+                for name, squares in _squared_gradient_sums(model, batch, log_likelihood, chunk_size, mode):
+                    sums.add(f"fisher/{name}", squares, examples)
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

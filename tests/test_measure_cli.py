@@ -1,0 +1,58 @@
+"""`mergesmith measure` and `mergesmith stats` on a real (tiny) Hugging Face checkpoint and local data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergesmith.io.sidecar import StatsReader
+from mergesmith.measure import measure
+from mergesmith.measure.hf import batches, causal_lm_log_likelihood
+
+TEXTS = ["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w10 w11 w12", "w3 w3 w3", "w20 w21 w22"]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"content": t}) + "\n" for t in TEXTS))
+    return path
+
+
+def test_cli_measure_reproduces_the_python_api(llama, jsonl, tmp_path, run_cli):
+    result = run_cli("measure", llama["base"], "--data", jsonl, "--text-field", "content", "--kind", "fisher",
+                     "--kind", "gram", "--batch-size", "2", "-o", tmp_path / "stats")
+    assert result.code == 0, result.stderr
+    written = StatsReader(tmp_path / "stats")
+    model = AutoModelForCausalLM.from_pretrained(llama["base"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(llama["base"])
+    examples = [{"text": t} for t in TEXTS]
+    # a different batching of the same examples: the means must not depend on it
+    expected = measure(model, batches(examples, tokenizer, batch_size=5, max_length=512, device=torch.device("cpu")),
+                       log_likelihood=causal_lm_log_likelihood, kinds=["fisher", "gram"])
+    assert set(written.keys()) == set(expected.tensors)
+    assert written.counts == expected.counts
+    assert written.counts["fisher/model.embed_tokens.weight"] == len(TEXTS)
+    for key, value in expected.tensors.items():  # float32 sums in another order: compare in norm
+        assert torch.linalg.norm(written.get(key) - value) <= 1e-5 * torch.linalg.norm(value), key
+    inspect = run_cli("stats", "inspect", tmp_path / "stats")
+    assert inspect.code == 0 and "gram/model.layers.0.mlp.up_proj" in inspect.stdout + inspect.stderr
+
+
+@pytest.mark.parametrize("content,field,pattern", [
+    ("", "text", r"holds no examples"),
+    ('{"content": "w1 w2"}\n', "text", r"has no field 'text'.*--text-field"),
+    ("not json\n", "text", r"line 1: invalid JSON"),
+])
+def test_cli_measure_bad_data_is_one_line(llama, tmp_path, run_cli, content, field, pattern):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    result = run_cli("measure", llama["base"], "--data", data, "--text-field", field, "-o", tmp_path / "stats")
+    assert result.code == 2
+    assert result.error_line.startswith("error:")
+    assert re.search(pattern, result.error_line)
+    assert not (tmp_path / "stats").exists()
