@@ -125,13 +125,15 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
         raise MergeError(f"--task {task}: expected one of {', '.join(TASKS)}")
     examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
                              max_examples=max_examples, seed=seed)
+    rank, world = _start_distributed(device)
+    all_examples, examples = examples, examples[rank::world]  # under torchrun: each rank its share
     network, tokenizer = load_model(model, task, trust_remote_code=trust_remote_code)
     check_labels(examples, network, task, data)
-    network.to(device)
+    network.to(device if world == 1 or not device.startswith("cuda") else f"cuda:{rank % torch.cuda.device_count()}")
     log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
     stream = batches(examples, tokenizer, batch_size=batch_size, max_length=max_length, device=torch.device(device))
     progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-                        TimeElapsedColumn(), console=console, transient=True)
+                        TimeElapsedColumn(), console=console, transient=True, disable=rank != 0)
     with progress:
         counter = progress.add_task("measure", total=len(examples))
 
@@ -141,8 +143,25 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
                 progress.update(counter, advance=batch["input_ids"].shape[0])
 
         stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kind)
-    path = stats.save(output)
-    console.print(f"{len(examples)} examples, {len(stats.tensors)} statistics ({', '.join(kind)}) → {path}")
+    if rank == 0:
+        path = stats.save(output)
+        console.print(f"{len(all_examples)} examples, {len(stats.tensors)} statistics ({', '.join(kind)}) → {path}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _start_distributed(device: str) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU); (rank, world size)."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics sidecars.")

@@ -56,3 +56,24 @@ def test_cli_measure_bad_data_is_one_line(llama, tmp_path, run_cli, content, fie
     assert result.error_line.startswith("error:")
     assert re.search(pattern, result.error_line)
     assert not (tmp_path / "stats").exists()
+
+
+def test_torchrun_two_processes_give_the_single_process_sidecar(llama, jsonl, tmp_path):
+    """Data parallel: 2 CPU processes (gloo), each measuring its share, all-reduce to the same sidecar."""
+    import subprocess
+    import sys
+
+    common = ["measure", str(llama["base"]), "--data", str(jsonl), "--text-field", "content", "--kind", "fisher",
+              "--kind", "gram", "--kind", "kfac", "--batch-size", "2"]
+    single = subprocess.run([sys.executable, "-m", "mergesmith.cli", *common, "-o", str(tmp_path / "one")],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "mergesmith.cli", *common, "-o", str(tmp_path / "two")],
+                              capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    one, two = StatsReader(tmp_path / "one"), StatsReader(tmp_path / "two")
+    assert one.counts == two.counts and one.model == two.model
+    for key in one.keys():
+        expected = one.get(key)
+        assert torch.linalg.norm(two.get(key) - expected) <= 1e-5 * torch.linalg.norm(expected), key

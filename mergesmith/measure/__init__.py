@@ -221,11 +221,36 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    seen = _all_reduce(sums, seen)
     if seen == 0:
         raise MergeError("no data: the batches were empty, so there is nothing to measure")
     tensors, counts = sums.means()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     return Statistics(tensors, counts, model_identity(shapes), "empirical" if "fisher" in kinds else None)
+
+
+def _all_reduce(sums: _Sums, seen: int) -> int:
+    """Under torch.distributed (e.g. torchrun), add up every rank's sums and counts, so N processes on N
+    shares of the data give the sidecar one process gives on all of it. Returns the total example count.
+    A rank that saw no batch of some statistic contributes zeros."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return seen
+    local = {key: tuple(total.shape) for key, total in sums.sums.items()}
+    everyone: list[dict[str, tuple[int, ...]]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, local)
+    for key, shape in sorted({k: v for shapes in everyone for k, v in shapes.items()}.items()):
+        total = sums.sums.get(key)
+        if total is None:
+            total = sums.sums[key] = torch.zeros(shape, dtype=sums.dtype)
+        count = torch.tensor([float(sums.counts.get(key, 0))], dtype=torch.float64, device=total.device)
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+        sums.counts[key] = int(count.item())
+    examples = torch.tensor([float(seen)], dtype=torch.float64)
+    dist.all_reduce(examples)
+    return int(examples.item())
 
 
 def _batch_size(batch: Mapping[str, Tensor]) -> int:
