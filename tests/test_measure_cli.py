@@ -77,3 +77,47 @@ def test_torchrun_two_processes_give_the_single_process_sidecar(llama, jsonl, tm
     for key in one.keys():
         expected = one.get(key)
         assert torch.linalg.norm(two.get(key) - expected) <= 1e-5 * torch.linalg.norm(expected), key
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, llama):
+    """A 2-class BERT sharing the Llama fixture's word-level tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_labels=2, pad_token_id=3)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(llama["base"]).save_pretrained(directory)
+    return directory
+
+
+def test_cli_measure_sequence_classifier_from_csv(tiny_classifier, tmp_path, run_cli):
+    data = tmp_path / "data.csv"
+    data.write_text("sentence,label\n" + "".join(f'"{t}",{i % 2}\n' for i, t in enumerate(TEXTS)))
+    result = run_cli("measure", tiny_classifier, "--data", data, "--text-field", "sentence", "--label-field",
+                     "label", "--kind", "fisher", "-o", tmp_path / "stats")
+    assert result.code == 0, result.stderr
+    stats = StatsReader(tmp_path / "stats")
+    assert stats.fisher_variant == "empirical"
+    assert stats.counts["fisher/classifier.weight"] == len(TEXTS)
+    assert float(stats.get("fisher/classifier.weight").sum()) > 0
+
+
+def test_cli_measure_rejects_labels_outside_the_classes(tiny_classifier, tmp_path, run_cli):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\nw1 w2,0\nw3 w4,2\n")
+    result = run_cli("measure", tiny_classifier, "--data", data, "--label-field", "label", "-o", tmp_path / "s")
+    assert result.code == 2
+    assert re.search(r"example 2 has label 2, outside the model's 2 classes", result.error_line)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_measure_unwritable_output_is_one_line(llama, jsonl, tmp_path, run_cli):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("measure", llama["base"], "--data", jsonl, "--text-field", "content", "--kind", "gram",
+                     "-o", blocker / "stats")
+    assert result.code == 2
+    assert re.search(r"cannot write statistics to .*file/stats", result.error_line)

@@ -34,6 +34,11 @@ def infer_task(model_dir: Path) -> str:
 def load_model(model_dir: Path, task: str, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """The model (float32, eval mode) and its tokenizer, from local files only."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # the CLI's own progress bar and one-line errors are the interface: keep transformers quiet
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     if not (model_dir / "config.json").exists():
         raise MergeError(f"model {model_dir} not found or has no config.json (local directories only)")
