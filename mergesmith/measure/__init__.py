@@ -89,15 +89,28 @@ def _layer_hooks(modules: dict[str, nn.Module], sums: _Sums, *, gram: bool, kfac
                  row_mask: Callable[[], Tensor | None]):
     handles = []
 
+    # layers fed the same tensor (an attention block's query, key and value) share one product
+    # (the very same tensor object, unmodified: holding it also keeps its memory from being reused)
+    latest: dict[bool, tuple[Tensor, int, Tensor, int]] = {}
+
+    def input_products(inputs: Tensor, mask: Tensor | None, with_ones: bool) -> tuple[Tensor, int]:
+        cached = latest.get(with_ones)
+        if cached is None or cached[0] is not inputs or cached[1] != inputs._version:
+            x = _rows(inputs.detach(), mask).to(sums.dtype)
+            if with_ones:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            latest[with_ones] = cached = (inputs, inputs._version, x.T @ x, x.shape[0])
+        return cached[2], cached[3]
+
     def on_forward(name: str, module: nn.Module):
         def hook(_module, inputs, output):
             mask = row_mask()
-            x = _rows(inputs[0].detach(), mask).to(sums.dtype)
             if gram:
-                sums.add(f"gram/{name}", x.T @ x, x.shape[0])
+                product, rows = input_products(inputs[0], mask, with_ones=False)
+                sums.add(f"gram/{name}", product, rows)
             if kfac:
-                a = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if module.bias is not None else x
-                sums.add(f"kfac_a/{name}", a.T @ a, a.shape[0])
+                product, rows = input_products(inputs[0], mask, with_ones=module.bias is not None)
+                sums.add(f"kfac_a/{name}", product, rows)
                 if output.requires_grad:
                     def on_grad(g: Tensor) -> None:
                         rows = _rows(g.detach(), mask).to(sums.dtype)
@@ -153,6 +166,24 @@ def per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor], log_lik
     return {name.removeprefix("model."): g for name, g in grads.items()}
 
 
+_UNTRACEABLE: set[type] = set()  # model classes torch.func failed on: go straight to the loop
+
+
+def _trimmed_example(batch: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
+    """Example n as a batch of one, without the trailing padding its batch added (when padding is on the
+    right), so the per-example backward pass does no work on padding."""
+    example = {k: v[n:n + 1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    mask = example.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return example
+    length = int(mask.sum())
+    if length == 0 or not bool(mask[0, :length].all()):  # left padding or holes: keep as is
+        return example
+    width = mask.shape[1]
+    return {k: v[:, :length] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v
+            for k, v in example.items()}
+
+
 def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
                            chunk_size: int | None, mode: dict[str, bool]) -> Iterator[tuple[str, Tensor]]:
     """Σ_n (∂ log p(y_n|x_n)/∂θ)² over the examples of a batch, per parameter.
@@ -161,7 +192,7 @@ def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_li
     (Hugging Face's attention-mask builders, for one) fall back, once and for good, to one backward pass
     per example, which gives the same numbers more slowly.
     """
-    if mode["vectorised"]:
+    if mode["vectorised"] and type(model) not in _UNTRACEABLE:
         try:
             grads = per_example_gradients(model, batch, log_likelihood, chunk_size)
             return ((name, g.square().sum(dim=0)) for name, g in grads.items())
@@ -169,14 +200,15 @@ def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_li
             if "vmap" not in str(e) and "functorch" not in str(e):
                 raise
             mode["vectorised"] = False
+            _UNTRACEABLE.add(type(model))
     params = _trainable(model)
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
     for n in range(_batch_size(batch)):
-        example = {k: v[n:n + 1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+        example = _trimmed_example(batch, n)
         grads = torch.autograd.grad(log_likelihood(model, example).sum(), list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
-                totals[name] += g.square()
+                totals[name].addcmul_(g, g)
     return iter(totals.items())
 
 
