@@ -101,11 +101,14 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
             text_field: str = typer.Option("text"), label_field: str = typer.Option(None),
             max_length: int = typer.Option(512), batch_size: int = typer.Option(8),
             max_examples: int = typer.Option(None), seed: int = typer.Option(0),
-            device: str = typer.Option("cpu"), fisher: str = typer.Option("empirical", help="Fisher variant."),
+            device: str = typer.Option("cpu"),
+            fisher: str = typer.Option("empirical", help="empirical (data labels), sampled or exact (seq-cls)."),
+            samples: int = typer.Option(1, help="Labels drawn per example for --fisher sampled."),
             trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (off).")) -> None:
     """Measure curvature statistics of MODEL on DATA into a sidecar (docs/statistics.md)."""
     import torch
 
+    from mergesmith.measure import classifier_fisher_labels
     from mergesmith.measure import measure as run_measure
     from mergesmith.measure.data import load_examples
     from mergesmith.measure.hf import (
@@ -113,16 +116,19 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
         batches,
         causal_lm_log_likelihood,
         check_labels,
+        class_log_probs,
         infer_task,
         load_model,
         seq_cls_log_likelihood,
     )
 
-    if fisher != "empirical":
-        raise MergeError(f"--fisher {fisher}: only the empirical Fisher is implemented so far")
     task = task or infer_task(model)
     if task not in TASKS:
         raise MergeError(f"--task {task}: expected one of {', '.join(TASKS)}")
+    if fisher not in ("empirical", "sampled", "exact"):
+        raise MergeError(f"--fisher {fisher}: expected empirical, sampled or exact")
+    if fisher != "empirical" and task != "seq-cls":
+        raise MergeError(f"--fisher {fisher} is implemented for seq-cls so far; use --fisher empirical for {task}")
     examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
                              max_examples=max_examples, seed=seed)
     rank, world = _start_distributed(device)
@@ -142,7 +148,10 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
                 yield batch
                 progress.update(counter, advance=batch["input_ids"].shape[0])
 
-        stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kind)
+        labels = None if fisher == "empirical" else classifier_fisher_labels(fisher, class_log_probs, samples=samples,
+                                                                             seed=seed)
+        stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kind, fisher_labels=labels,
+                            fisher_variant=fisher)
     if rank == 0:
         path = stats.save(output)
         console.print(f"{len(all_examples)} examples, {len(stats.tensors)} statistics ({', '.join(kind)}) → {path}")

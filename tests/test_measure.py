@@ -161,3 +161,53 @@ def test_bad_input_is_a_clear_error(tiny_lm):
     with pytest.raises(MergeError, match="no Linear layers"):
         measure(no_linear, [{"x": torch.zeros(2, dtype=torch.long)}], log_likelihood=lambda m, b: m(b["x"]).sum(-1),
                 kinds=["gram"])
+
+
+def _mlp_classifier():
+    torch.manual_seed(2)
+    mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(F64)
+    x = torch.randn(6, 3, dtype=F64)
+    y = torch.randint(0, 4, (6,))
+
+    def class_log_probs(model, batch):
+        return torch.log_softmax(model(batch["x"]), -1)
+
+    def log_likelihood(model, batch):
+        return class_log_probs(model, batch).gather(-1, batch["labels"][:, None]).squeeze(-1)
+
+    return mlp, {"x": x, "labels": y}, class_log_probs, log_likelihood
+
+
+def test_exact_fisher_is_the_expectation_over_the_model_s_labels():
+    """F = (1/N) Σ_n Σ_c p(c|x_n) (∂ log p(c|x_n)/∂θ)², by brute force: one backward per (example, class)."""
+    from mergesmith.measure import classifier_fisher_labels
+
+    mlp, batch, class_log_probs, log_likelihood = _mlp_classifier()
+    stats = measure(mlp, [batch], log_likelihood=log_likelihood, kinds=["fisher"], accumulate_dtype=F64,
+                    fisher_labels=classifier_fisher_labels("exact", class_log_probs), fisher_variant="exact")
+    expected = {name: torch.zeros_like(p) for name, p in mlp.named_parameters()}
+    for n in range(6):
+        logp = torch.log_softmax(mlp(batch["x"][n:n + 1]), -1)[0]
+        for c in range(4):
+            grads = torch.autograd.grad(logp[c], list(mlp.parameters()), retain_graph=True)
+            for (name, _), g in zip(mlp.named_parameters(), grads):
+                expected[name] += logp[c].exp().detach() * g.square() / 6
+    assert stats.fisher_variant == "exact"
+    for name, value in expected.items():
+        torch.testing.assert_close(stats.tensors[f"fisher/{name}"], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_sampled_fisher_is_seeded_and_tends_to_the_exact_one():
+    from mergesmith.measure import classifier_fisher_labels
+
+    mlp, batch, class_log_probs, log_likelihood = _mlp_classifier()
+
+    def fisher(variant, **options):
+        labels = classifier_fisher_labels(variant, class_log_probs, **options)
+        return measure(mlp, [batch], log_likelihood=log_likelihood, kinds=["fisher"], accumulate_dtype=F64,
+                       fisher_labels=labels, fisher_variant=variant).tensors["fisher/2.weight"]
+
+    torch.testing.assert_close(fisher("sampled", samples=3, seed=5), fisher("sampled", samples=3, seed=5))
+    assert not torch.equal(fisher("sampled", samples=3, seed=5), fisher("sampled", samples=3, seed=6))
+    exact, many = fisher("exact"), fisher("sampled", samples=4000, seed=0)
+    assert torch.linalg.norm(many - exact) <= 0.05 * torch.linalg.norm(exact)

@@ -121,3 +121,15 @@ def test_cli_measure_unwritable_output_is_one_line(llama, jsonl, tmp_path, run_c
                      "-o", blocker / "stats")
     assert result.code == 2
     assert re.search(r"cannot write statistics to .*file/stats", result.error_line)
+
+
+def test_cli_measure_exact_fisher_of_a_classifier(tiny_classifier, tmp_path, run_cli):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f'"{t}",{i % 2}\n' for i, t in enumerate(TEXTS)))
+    result = run_cli("measure", tiny_classifier, "--data", data, "--label-field", "label", "--fisher", "exact",
+                     "-o", tmp_path / "stats")
+    assert result.code == 0, result.stderr
+    assert StatsReader(tmp_path / "stats").fisher_variant == "exact"
+    refused = run_cli("measure", tiny_classifier, "--data", data, "--label-field", "label", "--fisher", "typo",
+                      "-o", tmp_path / "other")
+    assert refused.code == 2 and "expected empirical, sampled or exact" in refused.error_line

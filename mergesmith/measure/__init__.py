@@ -63,7 +63,8 @@ class _Sums:
         self.counts[key] = self.counts.get(key, 0) + count
 
     def means(self) -> tuple[dict[str, Tensor], dict[str, int]]:
-        return ({k: v / max(self.counts[k], 1) for k, v in self.sums.items()}, dict(self.counts))
+        return ({k: v / max(self.counts[k], 1) for k, v in self.sums.items()},
+                {k: self.counts[k] for k in self.sums})
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -185,17 +186,20 @@ def _trimmed_example(batch: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
 
 
 def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
-                           chunk_size: int | None, mode: dict[str, bool]) -> Iterator[tuple[str, Tensor]]:
-    """Σ_n (∂ log p(y_n|x_n)/∂θ)² over the examples of a batch, per parameter.
+                           chunk_size: int | None, mode: dict[str, bool],
+                           weights: Tensor | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Σ_n w_n (∂ log p(y_n|x_n)/∂θ)² over the examples of a batch, per parameter (w_n = 1 by default).
 
     Vectorised with ``torch.func`` where the model allows it; models with data-dependent control flow
     (Hugging Face's attention-mask builders, for one) fall back, once and for good, to one backward pass
     per example, which gives the same numbers more slowly.
     """
+    n_examples = _batch_size(batch)
+    weights = torch.ones(n_examples) if weights is None else weights.detach().cpu()
     if mode["vectorised"] and type(model) not in _UNTRACEABLE:
         try:
             grads = per_example_gradients(model, batch, log_likelihood, chunk_size)
-            return ((name, g.square().sum(dim=0)) for name, g in grads.items())
+            return ((name, torch.tensordot(weights.to(g), g.square(), dims=1)) for name, g in grads.items())
         except RuntimeError as e:
             if "vmap" not in str(e) and "functorch" not in str(e):
                 raise
@@ -203,22 +207,30 @@ def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_li
             _UNTRACEABLE.add(type(model))
     params = _trainable(model)
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
-    for n in range(_batch_size(batch)):
+    for n in range(n_examples):
         example = _trimmed_example(batch, n)
         grads = torch.autograd.grad(log_likelihood(model, example).sum(), list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
-                totals[name].addcmul_(g, g)
+                totals[name].addcmul_(g, g, value=float(weights[n]))
     return iter(totals.items())
+
+
+# Which labels the Fisher's gradients use: [(per-example weights, batch with those labels), ...].
+FisherLabels = Callable[[nn.Module, Mapping[str, Tensor]], list[tuple[Tensor, Mapping[str, Tensor]]]]
 
 
 def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_likelihood: LogLikelihood,
             kinds: Iterable[str] = ("fisher",), accumulate_dtype: torch.dtype = torch.float32,
-            chunk_size: int | None = 8) -> Statistics:
+            chunk_size: int | None = 8, fisher_labels: FisherLabels | None = None,
+            fisher_variant: str = "empirical") -> Statistics:
     """Measure ``kinds`` (any of fisher, gram, kfac) of ``model`` over ``batches`` in one pass each batch.
 
     Every statistic is a mean (Fisher over examples, Gram and K-FAC over non-padding rows) and keeps its
-    count, so statistics measured on disjoint data combine exactly (``combine_stats``).
+    count, so statistics measured on disjoint data combine exactly (``combine_stats``). The Fisher uses
+    the data's labels (empirical) unless ``fisher_labels`` gives weighted relabelled batches instead
+    (``classifier_fisher_labels`` for the sampled and exact Fisher of a classifier); ``fisher_variant``
+    names the choice in the sidecar.
     """
     kinds = tuple(dict.fromkeys(kinds))
     for kind in kinds:
@@ -248,8 +260,13 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
                         with torch.no_grad():
                             log_likelihood(model, batch)
             if "fisher" in kinds:
-                for name, squares in _squared_gradient_sums(model, batch, log_likelihood, chunk_size, mode):
-                    sums.add(f"fisher/{name}", squares, examples)
+                choices = fisher_labels(model, batch) if fisher_labels is not None else [(None, batch)]
+                for weights, labelled in choices:
+                    for name, squares in _squared_gradient_sums(model, labelled, log_likelihood, chunk_size, mode,
+                                                                weights):
+                        sums.add(f"fisher/{name}", squares, 0)
+                for name in _trainable(model):
+                    sums.counts[f"fisher/{name}"] = sums.counts.get(f"fisher/{name}", 0) + examples
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -258,7 +275,7 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
         raise MergeError("no data: the batches were empty, so there is nothing to measure")
     tensors, counts = sums.means()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    return Statistics(tensors, counts, model_identity(shapes), "empirical" if "fisher" in kinds else None)
+    return Statistics(tensors, counts, model_identity(shapes), fisher_variant if "fisher" in kinds else None)
 
 
 def _all_reduce(sums: _Sums, seen: int) -> int:
@@ -290,3 +307,30 @@ def _batch_size(batch: Mapping[str, Tensor]) -> int:
     if len(sizes) != 1:
         raise MergeError(f"a batch's tensors must share their first (example) dimension, got sizes {sorted(sizes)}")
     return sizes.pop()
+
+
+def classifier_fisher_labels(variant: str, class_log_probs: Callable[[nn.Module, Mapping[str, Tensor]], Tensor], *,
+                             samples: int = 1, seed: int = 0) -> FisherLabels:
+    """Labels for the Fisher of a classifier whose batches carry ``labels``; ``class_log_probs(model,
+    batch)`` gives log p(c | x_n), shape (batch, classes).
+
+    ``sampled``: ``samples`` labels drawn from the model's own predictive distribution, each weighted
+    1/samples (a seeded generator: the same seed, the same Fisher). ``exact``: every class c, weighted by
+    p(c | x_n) — the expectation the Fisher is defined by.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if variant not in ("sampled", "exact"):
+        raise MergeError(f"unknown Fisher variant '{variant}' (empirical, sampled, exact)")
+
+    def choose(model: nn.Module, batch: Mapping[str, Tensor]) -> list[tuple[Tensor, Mapping[str, Tensor]]]:
+        with torch.no_grad():
+            probs = class_log_probs(model, batch).exp().cpu().double()
+        device = batch["labels"].device
+        if variant == "exact":
+            return [(probs[:, c], {**batch, "labels": torch.full_like(batch["labels"], c)})
+                    for c in range(probs.shape[1])]
+        draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (batch, samples)
+        weight = torch.full((probs.shape[0],), 1.0 / samples, dtype=torch.float64)
+        return [(weight, {**batch, "labels": draws[:, k].to(device)}) for k in range(samples)]
+
+    return choose

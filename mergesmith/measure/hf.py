@@ -70,9 +70,14 @@ def causal_lm_log_likelihood(model: nn.Module, batch: dict[str, Tensor]) -> Tens
     return (token * batch["attention_mask"][:, 1:]).sum(dim=-1)
 
 
-def seq_cls_log_likelihood(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def class_log_probs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """log p(c | x_n) of a sequence classifier, shape (batch, classes)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, batch["labels"][:, None]).squeeze(-1)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def seq_cls_log_likelihood(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return class_log_probs(model, batch).gather(-1, batch["labels"][:, None]).squeeze(-1)
 
 
 def check_labels(examples: list[dict[str, Any]], model: nn.Module, task: str, data: Path) -> None:
