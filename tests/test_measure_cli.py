@@ -69,9 +69,9 @@ def test_torchrun_two_processes_give_the_single_process_sidecar(llama, jsonl, tm
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     for _attempt in range(2):  # a second launch only if the first failed to start (e.g. a rendezvous port clash)
-        launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc-per-node", "2", "-m", "mergesmith.cli", *common, "-o", str(tmp_path / "two")],
-                                  capture_output=True, text=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "mergesmith.cli", *common, "-o", str(tmp_path / "two")]
+        launched = subprocess.run(command, capture_output=True, text=True)
         if launched.returncode == 0:
             break
     assert launched.returncode == 0, launched.stderr[-3000:]
