@@ -100,16 +100,25 @@ def test_padding_changes_no_statistic(tiny_lm):
         torch.testing.assert_close(together.tensors[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
+def _mlp_classifier(sizes=(3, 5, 4), examples=6, seed=2):
+    """A float64 MLP classifier, a batch {x, labels}, and its class log-probabilities and log-likelihood."""
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2])).to(F64)
+    batch = {"x": torch.randn(examples, sizes[0], dtype=F64), "labels": torch.randint(0, sizes[2], (examples,))}
+
+    def class_log_probs(model, batch):
+        return torch.log_softmax(model(batch["x"]), -1)
+
+    def log_likelihood(model, batch):
+        return class_log_probs(model, batch).gather(-1, batch["labels"][:, None]).squeeze(-1)
+
+    return mlp, batch, class_log_probs, log_likelihood
+
+
 def test_gram_and_kfac_equal_direct_computation_on_an_mlp():
-    torch.manual_seed(1)
-    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
-    x = torch.randn(10, 4, dtype=F64)
-    y = torch.randint(0, 3, (10,))
-
-    def classify(model, batch):
-        return torch.log_softmax(model(batch["x"]), -1).gather(-1, batch["y"][:, None]).squeeze(-1)
-
-    stats = measure(mlp, [{"x": x[:6], "y": y[:6]}, {"x": x[6:], "y": y[6:]}], log_likelihood=classify,
+    mlp, batch, _, classify = _mlp_classifier(sizes=(4, 6, 3), examples=10, seed=1)
+    x, y = batch["x"], batch["labels"]
+    stats = measure(mlp, [{"x": x[:6], "labels": y[:6]}, {"x": x[6:], "labels": y[6:]}], log_likelihood=classify,
                     kinds=["gram", "kfac"], accumulate_dtype=F64)
     hidden_in = x
     hidden_out = mlp[0](x)
@@ -161,21 +170,6 @@ def test_bad_input_is_a_clear_error(tiny_lm):
     with pytest.raises(MergeError, match="no Linear layers"):
         measure(no_linear, [{"x": torch.zeros(2, dtype=torch.long)}], log_likelihood=lambda m, b: m(b["x"]).sum(-1),
                 kinds=["gram"])
-
-
-def _mlp_classifier():
-    torch.manual_seed(2)
-    mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(F64)
-    x = torch.randn(6, 3, dtype=F64)
-    y = torch.randint(0, 4, (6,))
-
-    def class_log_probs(model, batch):
-        return torch.log_softmax(model(batch["x"]), -1)
-
-    def log_likelihood(model, batch):
-        return class_log_probs(model, batch).gather(-1, batch["labels"][:, None]).squeeze(-1)
-
-    return mlp, {"x": x, "labels": y}, class_log_probs, log_likelihood
 
 
 def test_exact_fisher_is_the_expectation_over_the_model_s_labels():
