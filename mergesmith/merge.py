@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute
+from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute, split_layer_name
 from mergesmith.errors import MergeError
 from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
@@ -79,8 +79,6 @@ def _write_sidecar_files(recipe: Recipe, plan: Plan, directory: Path) -> None:
 
 def _layer_change(plan: Plan) -> tuple[int, int] | None:
     """(layers in the reference, layers written) for the single layer stack, if there is one."""
-    from mergesmith.engine import split_layer_name
-
     if len(plan.layer_counts) != 1:
         return None
     stack, written = next(iter(plan.layer_counts.items()))
