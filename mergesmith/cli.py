@@ -135,7 +135,9 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
     all_examples, examples = examples, examples[rank::world]  # under torchrun: each rank its share
     network, tokenizer = load_model(model, task, trust_remote_code=trust_remote_code)
     check_labels(examples, network, task, data)
-    network.to(device if world == 1 or not device.startswith("cuda") else f"cuda:{rank % torch.cuda.device_count()}")
+    if world > 1 and device.startswith("cuda"):  # under torchrun: one GPU per rank
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    network.to(device)
     log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
     stream = batches(examples, tokenizer, batch_size=batch_size, max_length=max_length, device=torch.device(device))
     progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
