@@ -13,7 +13,7 @@ from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute, spli
 from mergesmith.errors import MergeError
 from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
-from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, parse_size
+from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
 
 
 def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
@@ -41,8 +41,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     recipe = _as_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise MergeError(f"output {output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite)  # before planning: fail fast
     plan = plan_merge(recipe)
     if on_plan is not None:
         on_plan(plan)

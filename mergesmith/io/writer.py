@@ -37,13 +37,18 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def check_output(target: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite`` (checked before any work, and again at the start)."""
+    if target.exists() and not overwrite:
+        raise MergeError(f"output {target} already exists; pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``target``; rename it to ``target`` on success and
     delete it on any failure, so that ``target`` is never half-written."""
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise MergeError(f"output {target} already exists; pass --overwrite to replace it")
+    check_output(target, overwrite)
     if target.exists() and not target.is_dir():
         raise MergeError(f"output {target} exists and is not a directory")
     try:
