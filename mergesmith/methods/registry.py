@@ -7,7 +7,7 @@ method functions may assume valid input.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from mergesmith.errors import MergeError, did_you_mean
@@ -80,7 +80,6 @@ class MergeMethod:
     upcast_inputs: bool = True  # False: only the base (or first input) arrives in the compute dtype
     reference: str = ""
     summary: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param:
         for p in self.params:
