@@ -205,3 +205,84 @@ def test_sampled_fisher_is_seeded_and_tends_to_the_exact_one():
     assert not torch.equal(fisher("sampled", samples=3, seed=5), fisher("sampled", samples=3, seed=6))
     exact, many = fisher("exact"), fisher("sampled", samples=4000, seed=0)
     assert torch.linalg.norm(many - exact) <= 0.05 * torch.linalg.norm(exact)
+
+
+def _brute_force_fisher(model: nn.Module, batch: dict, log_likelihood) -> dict[str, torch.Tensor]:
+    """Mean over examples of the squared gradient, one backward pass per example (no padding trimmed)."""
+    examples = batch["input_ids"].shape[0]
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for n in range(examples):
+        one = {k: v[n:n + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(log_likelihood(model, one).sum(), list(model.parameters()), allow_unused=True)
+        for (name, _), g in zip(model.named_parameters(), grads):
+            if g is not None:
+                total[name] += g.square()
+    return {name: t / examples for name, t in total.items()}
+
+
+def _hf_models():
+    """Tiny random transformers: Llama (RMSNorm, untied head), GPT-2 (Conv1D, tied head, position embeddings
+    broadcast over the batch), BERT classifier (LayerNorm, token-type and position embeddings)."""
+    import transformers
+
+    from mergesmith.measure.hf import causal_lm_log_likelihood, seq_cls_log_likelihood
+
+    torch.manual_seed(3)
+    small = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
+    return {
+        "llama": (transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, num_key_value_heads=1)),
+                  causal_lm_log_likelihood, {}),
+        "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2)),
+                 causal_lm_log_likelihood, {}),
+        "bert": (transformers.BertForSequenceClassification(transformers.BertConfig(**small, num_labels=3)),
+                 seq_cls_log_likelihood, {"labels": torch.tensor([0, 2, 1, 1, 0])}),
+    }
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "bert"])
+def test_per_example_fisher_of_hugging_face_models_equals_a_brute_force_loop(architecture):
+    model, log_likelihood, labels = _hf_models()[architecture]
+    model = model.to(F64).eval()
+    ids = torch.randint(1, 40, (5, 6))
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, **labels}
+    stats = measure(model, [batch], log_likelihood=log_likelihood, kinds=["fisher"], accumulate_dtype=F64,
+                    chunk_size=2)
+    for name, expected in _brute_force_fisher(model, batch, log_likelihood).items():
+        got = stats.tensors[f"fisher/{name}"]
+        assert torch.linalg.norm(got - expected) <= 1e-6 * torch.linalg.norm(expected) + 1e-12, name
+
+
+class _Scaled(nn.Module):
+    """A container that owns a parameter and uses it in its own forward, and a Linear whose weight is also
+    used outside the Linear's forward: neither is visible to the per-example hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5, 2.0, 1.0]))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.inner(x)) * self.scale
+        return self.head(hidden) + hidden[:, :2] @ self.head.weight[:, :2].T
+
+
+def test_parameters_the_hooks_cannot_see_are_measured_by_a_loop():
+    from mergesmith.measure.fisher import PerExampleSquares
+
+    torch.manual_seed(4)
+    model = _Scaled().to(F64)
+    batch = {"input_ids": torch.randn(5, 3, dtype=F64), "labels": torch.tensor([0, 1, 1, 0, 1])}
+
+    def log_likelihood(model, batch):
+        return torch.log_softmax(model(batch["input_ids"]), -1).gather(-1, batch["labels"][:, None]).squeeze(-1)
+
+    squares = PerExampleSquares(model)
+    squares.run(batch, log_likelihood, None)
+    assert squares.uncovered == {"scale", "head.weight"}  # found by the first batch's check
+    stats = measure(model, [batch], log_likelihood=log_likelihood, kinds=["fisher"], accumulate_dtype=F64)
+    for name, expected in _brute_force_fisher(model, batch, log_likelihood).items():
+        torch.testing.assert_close(stats.tensors[f"fisher/{name}"], expected, rtol=1e-9, atol=1e-14, msg=name)

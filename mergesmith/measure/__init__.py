@@ -8,7 +8,8 @@ present, marks the rows (tokens) that count: padding is left out of every Gram a
 Definitions (docs/statistics.md):
 
 - ``fisher``: F = mean over examples n of (∂ log p(y_n | x_n) / ∂θ)², from per-example gradients (never the
-  square of a batch gradient). Labels come from the data (the *empirical* Fisher).
+  square of a batch gradient), formed by hooks from one batched backward pass (``measure.fisher``).
+  Labels come from the data (the *empirical* Fisher) unless ``fisher_labels`` says otherwise.
 - ``gram``: for every ``nn.Linear``, G = XᵀX / rows over its input rows X (tokens), padding excluded.
 - ``kfac``: for every ``nn.Linear``, A = mean over rows of a aᵀ (a = the input row, with a trailing 1
   appended when the layer has a bias) and G = mean over rows of g gᵀ (g = ∂ Σ_n log p(y_n|x_n) / ∂ output
@@ -17,7 +18,7 @@ Definitions (docs/statistics.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from mergesmith.errors import MergeError
 from mergesmith.io.sidecar import model_identity, save_stats
+from mergesmith.measure.fisher import PerExampleSquares
 
 LogLikelihood = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 KIND_NAMES = ("fisher", "gram", "kfac")
@@ -132,44 +134,6 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-class _Objective(nn.Module):
-    """Σ of the log-likelihoods of a batch, as a module, so ``torch.func.functional_call`` can swap in
-    the parameters that ``grad`` differentiates."""
-
-    def __init__(self, model: nn.Module, log_likelihood: LogLikelihood):
-        super().__init__()
-        self.model = model
-        self.log_likelihood = log_likelihood
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.log_likelihood(self.model, batch).sum()
-
-
-def per_example_gradients(model: nn.Module, batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
-                          chunk_size: int | None = None) -> dict[str, Tensor]:
-    """∂ log p(y_n|x_n) / ∂θ for every example n of ``batch``, stacked: {name: (batch, *shape)}.
-
-    One vectorised pass with ``torch.func`` (vmap over the examples of grad of the single-example
-    log-likelihood), in chunks of ``chunk_size`` examples to bound memory.
-    """
-    from torch.func import functional_call, grad, vmap
-
-    objective = _Objective(model, log_likelihood)
-    params = {f"model.{name}": p.detach() for name, p in _trainable(model).items()}
-    buffers = {f"model.{name}": b for name, b in model.named_buffers()}
-
-    def single(parameters: dict[str, Tensor], example: dict[str, Tensor]) -> Tensor:
-        one = {k: v.unsqueeze(0) for k, v in example.items()}
-        return functional_call(objective, {**parameters, **buffers}, (one,))
-
-    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-    grads = vmap(grad(single), in_dims=(None, 0), chunk_size=chunk_size)(params, tensors)
-    return {name.removeprefix("model."): g for name, g in grads.items()}
-
-
-_UNTRACEABLE: set[type] = set()  # model classes torch.func failed on: go straight to the loop
-
-
 def _trimmed_example(batch: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
     """Example n as a batch of one, without the trailing padding its batch added (when padding is on the
     right), so the per-example backward pass does no work on padding."""
@@ -185,35 +149,19 @@ def _trimmed_example(batch: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
             for k, v in example.items()}
 
 
-def _squared_gradient_sums(model: nn.Module, batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
-                           chunk_size: int | None, mode: dict[str, bool],
-                           weights: Tensor | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Σ_n w_n (∂ log p(y_n|x_n)/∂θ)² over the examples of a batch, per parameter (w_n = 1 by default).
-
-    Vectorised with ``torch.func`` where the model allows it; models with data-dependent control flow
-    (Hugging Face's attention-mask builders, for one) fall back, once and for good, to one backward pass
-    per example, which gives the same numbers more slowly.
-    """
-    n_examples = _batch_size(batch)
-    weights = torch.ones(n_examples) if weights is None else weights.detach().cpu()
-    if mode["vectorised"] and type(model) not in _UNTRACEABLE:
-        try:
-            grads = per_example_gradients(model, batch, log_likelihood, chunk_size)
-            return ((name, torch.tensordot(weights.to(g), g.square(), dims=1)) for name, g in grads.items())
-        except RuntimeError as e:
-            if "vmap" not in str(e) and "functorch" not in str(e):
-                raise
-            mode["vectorised"] = False
-            _UNTRACEABLE.add(type(model))
-    params = _trainable(model)
+def _looped_squares(model: nn.Module, names: set[str], batch: Mapping[str, Tensor], log_likelihood: LogLikelihood,
+                    weights: Tensor | None) -> dict[str, Tensor]:
+    """Σ_n w_n (∂ log p(y_n|x_n)/∂θ)² by one backward pass per example, for the parameters the hooks of
+    ``PerExampleSquares`` cannot account for."""
+    params = {name: p for name, p in _trainable(model).items() if name in names}
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
-    for n in range(n_examples):
+    for n in range(_batch_size(batch)):
         example = _trimmed_example(batch, n)
         grads = torch.autograd.grad(log_likelihood(model, example).sum(), list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
-                totals[name].addcmul_(g, g, value=float(weights[n]))
-    return iter(totals.items())
+                totals[name].addcmul_(g, g, value=1.0 if weights is None else float(weights[n]))
+    return totals
 
 
 # Which labels the Fisher's gradients use: [(per-example weights, batch with those labels), ...].
@@ -241,7 +189,7 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
         raise MergeError(f"{type(model).__name__} has no Linear layers: gram and kfac statistics need them")
     sums = _Sums(accumulate_dtype)
     current_mask: list[Tensor | None] = [None]
-    mode = {"vectorised": True}  # switched off for models torch.func cannot trace (see below)
+    squarer = PerExampleSquares(model, chunk_size) if "fisher" in kinds else None
     seen = 0
     was_training = model.training
     model.eval()  # statistics of the deterministic model: no dropout
@@ -262,9 +210,11 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
             if "fisher" in kinds:
                 choices = fisher_labels(model, batch) if fisher_labels is not None else [(None, batch)]
                 for weights, labelled in choices:
-                    for name, squares in _squared_gradient_sums(model, labelled, log_likelihood, chunk_size, mode,
-                                                                weights):
-                        sums.add(f"fisher/{name}", squares, 0)
+                    squares = squarer.run(labelled, log_likelihood, weights)
+                    if squarer.uncovered:
+                        squares.update(_looped_squares(model, squarer.uncovered, labelled, log_likelihood, weights))
+                    for name, p in _trainable(model).items():  # no entry: no gradient reached it
+                        sums.add(f"fisher/{name}", squares.get(name, torch.zeros_like(p)), 0)
                 for name in _trainable(model):
                     sums.counts[f"fisher/{name}"] = sums.counts.get(f"fisher/{name}", 0) + examples
     finally:
