@@ -67,8 +67,27 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
                   f"in {len(summary.files)} shard(s)")
     table.add_row("wall time", f"{summary.seconds:.2f} s")
     table.add_row("peak memory", _gb(summary.peak_rss_bytes))
+    if summary.fallback:
+        shown = ", ".join(summary.fallback[:3]) + (", ..." if len(summary.fallback) > 3 else "")
+        table.add_row("without statistics", f"{len(summary.fallback)} tensors took the method's fallback ({shown})")
     table.add_row("output", summary.output)
     console.print(table)
+    if summary.solver:
+        console.print(solver_table(summary.solver))
+
+
+def solver_table(reports: dict[str, dict], shown: int = 40) -> Table:
+    """Conjugate gradient per block: iterations and relative residuals, worst final residual first."""
+    worst = sorted(reports.items(), key=lambda item: -item[1]["final_residual"])
+    title = (f"conjugate gradient: {len(reports)} blocks, {sum(r['iterations'] for r in reports.values())} "
+             f"iterations, worst final residual {worst[0][1]['final_residual']:.1e}")
+    table = Table(title=title if len(worst) <= shown else f"{title} ({shown} worst shown)", title_justify="left")
+    for column in ("block", "iterations", "initial residual", "final residual"):
+        table.add_column(column, justify="left" if column == "block" else "right")
+    for name, report in worst[:shown]:
+        table.add_row(name, str(report["iterations"]), f"{report['initial_residual']:.2e}",
+                      f"{report['final_residual']:.2e}")
+    return table
 
 
 @app.command()
@@ -102,18 +121,24 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
             max_length: int = typer.Option(512), batch_size: int = typer.Option(8),
             max_examples: int = typer.Option(None), seed: int = typer.Option(0),
             device: str = typer.Option("cpu"),
-            fisher: str = typer.Option("empirical", help="empirical (data labels), sampled or exact (seq-cls)."),
-            samples: int = typer.Option(1, help="Labels drawn per example for --fisher sampled."),
+            fisher: str = typer.Option("empirical", help="empirical (data labels), sampled (labels drawn from "
+                                       "the model) or exact (seq-cls only)."),
+            samples: int = typer.Option(1, help="Label draws per example for --fisher sampled, each weighted 1/k."),
+            max_shard_size: str = typer.Option("5GB", help="Largest sidecar file, e.g. 5GB or 200MB; above it "
+                                               "the sidecar is sharded."),
             trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (off).")) -> None:
     """Measure curvature statistics of MODEL on DATA into a sidecar (docs/statistics.md)."""
     import torch
 
+    from mergesmith.io.sidecar import check_writable
+    from mergesmith.io.writer import parse_size
     from mergesmith.measure import classifier_fisher_labels
     from mergesmith.measure import measure as run_measure
     from mergesmith.measure.data import load_examples
     from mergesmith.measure.hf import (
         TASKS,
         batches,
+        causal_lm_fisher_labels,
         causal_lm_log_likelihood,
         check_labels,
         class_log_probs,
@@ -127,8 +152,13 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
         raise MergeError(f"--task {task}: expected one of {', '.join(TASKS)}")
     if fisher not in ("empirical", "sampled", "exact"):
         raise MergeError(f"--fisher {fisher}: expected empirical, sampled or exact")
-    if fisher != "empirical" and task != "seq-cls":
-        raise MergeError(f"--fisher {fisher} is implemented for seq-cls so far; use --fisher empirical for {task}")
+    if fisher == "exact" and task == "causal-lm":
+        raise MergeError("--fisher exact is intractable for causal-lm (an expectation over vocabulary^length label "
+                         "sequences); use --fisher sampled --samples k")
+    if samples < 1:
+        raise MergeError(f"--samples {samples}: draw at least 1 label per example")
+    shard_limit = parse_size(max_shard_size)
+    check_writable(output)  # before the work, not after it
     examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
                              max_examples=max_examples, seed=seed)
     rank, world = _start_distributed(device)
@@ -150,12 +180,18 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
                 yield batch
                 progress.update(counter, advance=batch["input_ids"].shape[0])
 
-        labels = None if fisher == "empirical" else classifier_fisher_labels(fisher, class_log_probs, samples=samples,
-                                                                             seed=seed)
+        # under torchrun each rank draws from its own stream; one process draws with --seed itself
+        draw_seed = seed * world + rank
+        if fisher == "empirical":
+            labels = None
+        elif task == "causal-lm":
+            labels = causal_lm_fisher_labels(samples, seed=draw_seed)
+        else:
+            labels = classifier_fisher_labels(fisher, class_log_probs, samples=samples, seed=draw_seed)
         stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kind, fisher_labels=labels,
                             fisher_variant=fisher)
     if rank == 0:
-        path = stats.save(output)
+        path = stats.save(output, max_shard_size=shard_limit)
         console.print(f"{len(all_examples)} examples, {len(stats.tensors)} statistics ({', '.join(kind)}) → {path}")
     if world > 1:
         torch.distributed.barrier()
@@ -181,11 +217,16 @@ app.add_typer(stats_app, name="stats")
 
 @stats_app.command("combine")
 def stats_combine(sources: list[Path] = typer.Argument(..., help="Sidecars of one model, measured on disjoint data."),
-                  output: Path = typer.Option(..., "-o", "--output")) -> None:
-    """Combine sidecars exactly: count-weighted means."""
-    from mergesmith.io.sidecar import combine_stats
+                  output: Path = typer.Option(..., "-o", "--output"),
+                  max_shard_size: str = typer.Option("5GB", help="Largest sidecar file, e.g. 5GB or 200MB; above "
+                                                     "it the sidecar is sharded.")) -> None:
+    """Combine sidecars exactly: count-weighted means. Inputs may be sharded; one input alone reshards it."""
+    from mergesmith.io.sidecar import check_writable, combine_stats
+    from mergesmith.io.writer import parse_size
 
-    console.print(f"wrote {combine_stats(list(sources), output)}")
+    limit = parse_size(max_shard_size)
+    check_writable(output)
+    console.print(f"wrote {combine_stats(list(sources), output, max_shard_size=limit)}")
 
 
 @stats_app.command("inspect")
@@ -194,7 +235,8 @@ def stats_inspect(source: Path = typer.Argument(..., help="A sidecar directory."
     from mergesmith.io.sidecar import StatsReader
 
     reader = StatsReader(source)
-    table = Table(title=f"{reader.path} — model {reader.model}, fisher {reader.fisher_variant or '-'}")
+    shards = f", {len(reader.files)} shards" if len(reader.files) > 1 else ""
+    table = Table(title=f"{reader.path} — model {reader.model}, fisher {reader.fisher_variant or '-'}{shards}")
     for column in ("statistic", "shape", "count", "mean"):
         table.add_column(column)
     for key in sorted(reader.keys()):

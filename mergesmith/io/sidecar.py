@@ -1,25 +1,38 @@
-"""The statistics sidecar: measured curvature statistics of one model, shared as a safetensors file.
+"""The statistics sidecar: measured curvature statistics of one model, shared as safetensors files.
 
-A directory holding ``stats.safetensors``: float32 tensors keyed ``fisher/<parameter>``, ``gram/<module>``,
-``kfac_a/<module>``, ``kfac_g/<module>``, each a *mean*, and string metadata (see docs/statistics.md):
-``format`` (``mergesmith-stats/1``), ``kinds``, ``counts`` (JSON: examples for Fisher, rows per module for
-Gram and K-FAC), ``fisher_variant`` and ``model`` (an identity: a hash of parameter names and shapes).
+A directory holding ``stats.safetensors`` or, above ``max_shard_size``, shards
+``stats-00001-of-0000N.safetensors`` and an index ``stats.safetensors.index.json`` (``{"metadata": {...},
+"weight_map": {key: shard file}}``, as Hugging Face shards checkpoints). Tensors are float32, keyed
+``fisher/<parameter>``, ``gram/<module>``, ``kfac_a/<module>``, ``kfac_g/<module>``, each a *mean*. The
+string metadata (see docs/statistics.md) — ``format`` (``mergesmith-stats/1``), ``kinds``, ``counts`` (JSON:
+examples for Fisher, rows per module for Gram and K-FAC), ``fisher_variant`` and ``model`` (an identity: a
+hash of parameter names and shapes) — is in every file, and in the index, so each shard describes itself.
 Because every statistic is a mean with its count, two sidecars of one model combine exactly.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
 
 FORMAT = "mergesmith-stats/1"
 FILENAME = "stats.safetensors"
+INDEX = "stats.safetensors.index.json"
+SHARD = "stats-{:05d}-of-{:05d}.safetensors"
+SHARD_PATTERN = re.compile(r"stats-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 KINDS = ("fisher", "gram", "kfac_a", "kfac_g")
 
 
@@ -31,11 +44,32 @@ def model_identity(named_shapes: dict[str, tuple[int, ...]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_writable(directory: str | Path) -> None:
+    """Refuse, before any work, an output that cannot become a sidecar directory: a file, or a path under a
+    file or an unwritable directory."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise MergeError(f"cannot write statistics to {directory}: it exists and is not a directory")
+    ancestor = directory
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MergeError(f"cannot write statistics to {directory}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise MergeError(f"cannot write statistics to {directory}: {ancestor} is not writable")
+
+
 def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: dict[str, int], *,
-               model: str, fisher_variant: str | None = None) -> Path:
+               model: str, fisher_variant: str | None = None, transposed: list[str] | None = None,
+               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a sidecar; ``counts`` maps each tensor key to the number of examples (or rows) in its mean.
-    Written to a temporary file and renamed, so a failure leaves no partial sidecar."""
+
+    One ``stats.safetensors`` when the tensors fit in ``max_shard_size`` bytes (5GB, 200MB, ...), else
+    shards and an index. Everything is written to a temporary folder first (see ``_write_atomically``), so
+    a failure leaves no partial sidecar. Returns the file a reader opens first: the single file or the index.
+    """
     directory = Path(directory)
+    limit = parse_size(max_shard_size)
     missing = sorted(set(tensors) - set(counts))
     if missing:
         raise ValueError(f"no count for {missing[0]}")
@@ -43,48 +77,201 @@ def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: 
     metadata = {"format": FORMAT, "kinds": ",".join(kinds), "counts": json.dumps(counts), "model": model}
     if fisher_variant:
         metadata["fisher_variant"] = fisher_variant
+    if transposed:  # modules whose weight is stored (in, out), GPT-2's Conv1D: a reader must know the layout
+        metadata["transposed"] = json.dumps(sorted(transposed))
+    prepared = {key: tensors[key].detach().to("cpu", torch.float32).contiguous() for key in sorted(tensors)}
+    shards = shard_layout([OutputTensor(key, tuple(t.shape), torch.float32) for key, t in prepared.items()], limit)
+    names = [FILENAME] if len(shards) == 1 else [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
+
+    def write(folder: Path) -> None:
+        for name, shard in zip(names, shards):
+            save_file({t.name: prepared[t.name] for t in shard}, str(folder / name), metadata=metadata)
+        if len(shards) > 1:
+            index = {"metadata": {**metadata, "total_size": sum(t.nbytes for shard in shards for t in shard)},
+                     "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
+            (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / f".{FILENAME}.partial"
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
-                  str(partial), metadata=metadata)
-        partial.rename(directory / FILENAME)
-    except OSError as e:
-        raise MergeError(f"cannot write statistics to {directory}: {e.strerror or e}") from None
-    return directory / FILENAME
+        _write_atomically(directory, write)
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MergeError(f"cannot write statistics to {directory}: {reason}") from None
+    return directory / names[0] if len(shards) == 1 else directory / INDEX
+
+
+def _sidecar_files(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()
+            if p.name in (FILENAME, INDEX) or SHARD_PATTERN.fullmatch(p.name)}
+
+
+def _write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(folder)`` on a fresh temporary folder, then put what it wrote in place as ``directory``.
+
+    A new ``directory`` is the temporary folder renamed, so it appears whole or not at all. An existing one
+    (a sidecar may sit in the checkpoint's own directory, beside other files) receives the shards first and
+    the file a reader opens first (the index, or the single file) last; then the files of the sidecar it
+    replaces go. The temporary folder is removed whatever happens.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(20, "it exists and is not a directory")
+    existing = directory.is_dir()
+    if existing:
+        staging = directory / f".stats.tmp-{os.getpid()}"
+    else:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        if not existing:
+            staging.rename(directory)
+            return
+        written = {p.name for p in staging.iterdir()}
+        stale = _sidecar_files(directory) - written
+        entry = INDEX if INDEX in written else FILENAME
+        for name in sorted(written - {entry}) + [entry]:
+            (staging / name).replace(directory / name)
+        for name in stale:
+            (directory / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _entry_file(path: Path) -> Path:
+    """The file to open first for a sidecar at ``path`` (a directory, a statistics file, or an index)."""
+    if not path.is_dir():
+        if not path.exists():
+            raise MergeError(f"statistics not found at {path} (expected a directory holding {FILENAME} or {INDEX})")
+        return path
+    single, index = path / FILENAME, path / INDEX
+    if single.exists() and index.exists():
+        raise MergeError(f"{path} holds both {FILENAME} and {INDEX}, two sidecars in one place; delete the stale "
+                         f"one or measure again into an empty directory")
+    if not single.exists() and not index.exists():
+        raise MergeError(f"statistics not found at {path} (expected {FILENAME} or {INDEX})")
+    return index if index.exists() else single
 
 
 class StatsReader:
-    """Lazy reader of a sidecar directory (or a stats.safetensors file)."""
+    """Lazy reader of a sidecar: a directory, a ``stats.safetensors`` file, or a shard index.
+
+    Only the single file or the index is read up front (metadata and which shard holds which key); a shard
+    is opened on the first ``get`` of a key it holds, so reading one statistic of a large sidecar reads one
+    shard's header and that tensor.
+    """
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        self.path = path / FILENAME if path.is_dir() else path
-        if not self.path.exists():
-            raise MergeError(f"statistics not found at {path} (expected {FILENAME})")
+        self.path = _entry_file(Path(path))
+        self._handles: dict[str, Any] = {}
+        if self.path.name.endswith(".index.json"):
+            metadata, self._weight_map = self._read_index()
+        else:
+            handle = self._open(self.path.name, check=False)
+            metadata = handle.metadata() or {}
+            self._weight_map = dict.fromkeys(handle.keys(), self.path.name)
+        self.metadata: dict[str, Any] = metadata
+        self.counts, self.model, self.fisher_variant = _parse_metadata(metadata, self.path)
+        uncounted = sorted(set(self._weight_map) - set(self.counts))
+        if uncounted:
+            raise MergeError(f"{self.path}: no count for '{uncounted[0]}' in the metadata's counts; the sidecar is "
+                             f"damaged: measure again")
+        self.files = [self.path.parent / name for name in dict.fromkeys(self._weight_map.values())]
+
+    def _read_index(self) -> tuple[dict[str, Any], dict[str, str]]:
+        restore = "restore it from where the sidecar came from, or measure again"
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-            metadata = self._file.metadata() or {}
+            index = json.loads(self.path.read_text())
+        except json.JSONDecodeError as e:
+            raise MergeError(f"{self.path}: broken index JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                             f"{restore}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise MergeError(f"{self.path}: cannot read the index ({e}); {restore}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        metadata = index.get("metadata") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
+            raise MergeError(f"{self.path}: not a statistics index (expected a JSON object with 'metadata' and "
+                             f"'weight_map'); {restore}")
+        for key, file in weight_map.items():
+            # plain names only: an index must not point outside its own directory
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+                raise MergeError(f"{self.path}: weight_map gives '{key}' the file {file!r}, expected a file name "
+                                 f"in the same directory; {restore}")
+        missing = sorted({file for file in weight_map.values() if not (self.path.parent / file).is_file()})
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MergeError(f"{self.path.parent / missing[0]}: shard named in {self.path.name} is missing{more}; "
+                             f"copy the whole sidecar directory, or measure again")
+        return metadata, weight_map
+
+    def _open(self, file: str, check: bool = True) -> Any:
+        handle = self._handles.get(file)
+        if handle is not None:
+            return handle
+        path = self.path.parent / file
+        try:
+            handle = safe_open(str(path), framework="pt")
+            metadata = handle.metadata() or {}
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise MergeError(f"{self.path}: not a readable statistics file ({e})") from None
-        if metadata.get("format") != FORMAT:
-            raise MergeError(f"{self.path}: not a mergesmith statistics sidecar (format "
-                             f"{metadata.get('format')!r}, expected {FORMAT!r})")
-        self.metadata = metadata
-        self.counts: dict[str, int] = json.loads(metadata["counts"])
-        self.model: str = metadata["model"]
-        self.fisher_variant: str | None = metadata.get("fisher_variant")
+            raise MergeError(f"{path}: not a readable statistics file ({e}); restore it or measure again") from None
+        if check and (metadata.get("format") != FORMAT or metadata.get("model") != self.model):
+            raise MergeError(f"{path}: not a shard of the sidecar {self.path} (format {metadata.get('format')!r}, "
+                             f"model {metadata.get('model')!r}, expected {self.model!r}); copy the whole sidecar "
+                             f"directory, or measure again")
+        self._handles[file] = handle
+        return handle
 
     def keys(self) -> list[str]:
-        return list(self._file.keys())
+        return list(self._weight_map)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
+        file = self._file_of(key)
+        try:
+            return self._open(file).get_tensor(key)
+        except SafetensorError as e:
+            raise MergeError(f"{self.path.parent / file}: cannot read '{key}' ({e}); the sidecar is damaged "
+                             f"or inconsistent with {self.path.name}: measure again") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A statistic's shape, from its shard's header (the tensor itself is not read)."""
+        file = self._file_of(key)
+        try:
+            return tuple(self._open(file).get_slice(key).get_shape())
+        except SafetensorError as e:
+            raise MergeError(f"{self.path.parent / file}: cannot read '{key}' ({e}); the sidecar is damaged "
+                             f"or inconsistent with {self.path.name}: measure again") from None
+
+    def _file_of(self, key: str) -> str:
+        file = self._weight_map.get(key)
+        if file is None:
+            raise MergeError(f"{self.path}: no statistic '{key}'{did_you_mean(key, self._weight_map)}")
+        return file
 
 
-def combine_stats(sources: list[str | Path], output: str | Path) -> Path:
+def _parse_metadata(metadata: dict[str, Any], path: Path) -> tuple[dict[str, int], str, str | None]:
+    """(counts, model, fisher_variant) from a sidecar's metadata, or a one-line error saying what is wrong."""
+    if metadata.get("format") != FORMAT:
+        raise MergeError(f"{path}: not a mergesmith statistics sidecar (format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    try:
+        counts = json.loads(metadata["counts"])
+        model = metadata["model"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise MergeError(f"{path}: the metadata's 'counts' (a JSON object as a string) or 'model' is missing or "
+                         f"unreadable; the sidecar is damaged: measure again") from None
+    if not isinstance(counts, dict) or not isinstance(model, str):
+        raise MergeError(f"{path}: the metadata's 'counts' must be a JSON object and 'model' a string")
+    return counts, model, metadata.get("fisher_variant")
+
+
+def combine_stats(sources: list[str | Path], output: str | Path, *,
+                  max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Combine sidecars of one model measured on disjoint data: each statistic becomes the count-weighted
-    mean, exactly what measuring all the data at once gives."""
+    mean, exactly what measuring all the data at once gives. Inputs may be single files or sharded; the
+    output is sharded when it exceeds ``max_shard_size`` (one source alone reshards a sidecar)."""
+    if not sources:
+        raise MergeError("nothing to combine: name at least one sidecar")
+    limit = parse_size(max_shard_size)
     readers = [StatsReader(s) for s in sources]
     first = readers[0]
     for other in readers[1:]:
@@ -102,4 +289,6 @@ def combine_stats(sources: list[str | Path], output: str | Path) -> Path:
         total = sum(r.counts[key] for r in readers)
         mean = sum(r.get(key).double() * r.counts[key] for r in readers) / max(total, 1)
         tensors[key], counts[key] = mean.float(), total
-    return save_stats(output, tensors, counts, model=first.model, fisher_variant=first.fisher_variant)
+    return save_stats(output, tensors, counts, model=first.model, fisher_variant=first.fisher_variant,
+                      transposed=json.loads(first.metadata.get("transposed", "[]")),
+                      max_shard_size=limit)
