@@ -44,12 +44,14 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     model: str
     parameters: dict[str, Any] | None = None
+    stats: str | None = None  # the model's statistics sidecar (curvature merges)
 
 
 class SliceSource(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, Any] | None = None
+    stats: str | None = None
 
     @field_validator("layer_range")
     @classmethod
@@ -75,12 +77,15 @@ class Recipe(_Strict):
 
     merge_method: str
     base_model: str | None = None
+    base_stats: str | None = None  # written in a recipe as base_model: {model: DIR, stats: DIR}
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    heads: str = "merge"  # merge | base | each | a model's path: what happens to the task heads
+    head_tensors: list[str] | None = None  # name prefixes of the head tensors (default: HEAD_PREFIXES)
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +94,13 @@ class Recipe(_Strict):
         if isinstance(data, dict):
             if isinstance(data.get("models"), list):  # mergekit accepts a bare string for a model entry
                 data = {**data, "models": [{"model": m} if isinstance(m, str) else m for m in data["models"]]}
+            base = data.get("base_model")
+            if isinstance(base, dict):
+                unknown = sorted(set(base) - {"model", "stats"})
+                if unknown or not isinstance(base.get("model"), str):
+                    raise MergeError("recipe: base_model must be a path or {model: DIR, stats: DIR}"
+                                     + (f"; unknown key '{unknown[0]}'" if unknown else ""))
+                data = {**data, "base_model": base["model"], "base_stats": base.get("stats")}
         return data
 
     @model_validator(mode="after")
@@ -99,6 +111,11 @@ class Recipe(_Strict):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise ValueError(f"'{key}: {value}' is not a dtype{did_you_mean(value, DTYPES)}")
+        models = {m.model for m in self.models or []} | {src.model for s in self.slices or [] for src in s.sources}
+        if self.heads not in ("merge", "base", "each") and self.heads not in models:
+            raise ValueError(f"heads: '{self.heads}' must be merge, base, each, or one of the recipe's models")
+        if self.heads == "base" and self.base_model is None:
+            raise ValueError("heads: base needs a base_model")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source: union (vocabulary merging) is not supported; use 'base' or a model")
         for where, params in self.parameter_scopes():

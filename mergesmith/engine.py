@@ -7,7 +7,9 @@ being filled and the one being written: peak memory is O(models × largest tenso
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import queue
 import re
 import threading
@@ -22,9 +24,12 @@ from mergesmith.config import Recipe, resolve
 from mergesmith.errors import MergeError
 from mergesmith.io.checkpoint import TensorSource
 from mergesmith.methods import MergeMethod, get_method
+from mergesmith.statistics import Sidecar, StatsSource, TensorStats, plan_tensor_stats
 
 # A layer tensor: "<stack>.<index>.<rest>", e.g. model.layers.3.mlp.up_proj.weight or transformer.h.0.attn.c_attn.weight
 LAYER_NAME = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Task heads (classifiers, LM heads): the tensors a recipe's ``heads`` policy applies to, by name prefix.
+HEAD_PREFIXES = ("classifier", "score", "lm_head", "qa_outputs", "cls")
 EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 
 
@@ -45,10 +50,20 @@ class Job:
     kwargs: dict[str, Any]
     shape: tuple[int, ...]
     out_dtype: torch.dtype  # the recipe's output dtype, else the stored dtype of the base (or first) input
+    stats: TensorStats | None = None  # what a curvature method reads besides weights
+    companion: Job | None = None  # a bias merged in one block with this weight (K-FAC), read and written along
+
+    @property
+    def own_reads(self) -> list[TensorInput]:
+        return ([self.base] if self.base is not None else []) + self.inputs
 
     @property
     def reads(self) -> list[TensorInput]:
-        return ([self.base] if self.base is not None else []) + self.inputs
+        return self.own_reads + (self.companion.own_reads if self.companion is not None else [])
+
+    @property
+    def outputs(self) -> list[Job]:
+        return [self] + ([self.companion] if self.companion is not None else [])
 
 
 @dataclass
@@ -58,6 +73,12 @@ class Plan:
     sources: list[TensorSource]
     reference: TensorSource
     layer_counts: dict[str, int] = field(default_factory=dict)  # output layers per stack
+    kept_heads: dict[str, list[str]] = field(default_factory=dict)  # heads: each — model -> its head tensors
+    fallback: list[str] = field(default_factory=list)  # tensors without statistics (the method's fallback)
+
+
+def is_head(name: str, prefixes: list[str] | tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
@@ -71,6 +92,7 @@ class _Source:
     layer_start: int
     length: int | None  # None: every layer of the model
     parameters: dict[str, Any] | None
+    stats: str | None = None  # the model's statistics sidecar
 
 
 @dataclass(frozen=True)
@@ -89,11 +111,12 @@ class _Slice:
 def _normalised_slices(recipe: Recipe, uses_base: bool) -> list[_Slice]:
     """Both recipe forms as slices; ``models:`` is one slice over all layers, plus the base if unlisted."""
     if recipe.models is not None:
-        sources = [_Source(m.model, 0, None, m.parameters) for m in recipe.models]
+        sources = [_Source(m.model, 0, None, m.parameters, m.stats) for m in recipe.models]
         if uses_base and recipe.base_model not in (None, *(m.model for m in recipe.models)):
-            sources.append(_Source(recipe.base_model, 0, None, None))
+            sources.append(_Source(recipe.base_model, 0, None, None, recipe.base_stats))
         return [_Slice(sources, recipe.base_model, None)]
-    return [_Slice([_Source(src.model, src.layer_range[0], src.layer_range[1] - src.layer_range[0], src.parameters)
+    return [_Slice([_Source(src.model, src.layer_range[0], src.layer_range[1] - src.layer_range[0], src.parameters,
+                            src.stats or (recipe.base_stats if src.model == recipe.base_model else None))
                     for src in out.sources], out.base_model or recipe.base_model, out.parameters)
             for out in recipe.slices or []]
 
@@ -116,12 +139,13 @@ def _check_shapes(job_name: str, reads: list[TensorInput]) -> tuple[int, ...]:
     return shapes[0]
 
 
-def _check_same_keys(sources: list[TensorSource], reference: TensorSource) -> None:
-    expected = set(reference.keys())
+def _check_same_keys(sources: list[TensorSource], reference: TensorSource,
+                     ignored: Callable[[str], bool] = lambda name: False) -> None:
+    expected = {k for k in reference.keys() if not ignored(k)}
     for source in sources:
         if source is reference:
             continue
-        keys = set(source.keys())
+        keys = {k for k in source.keys() if not ignored(k)}
         missing, unexpected = sorted(expected - keys), sorted(keys - expected)
         if missing or unexpected:
             parts = []
@@ -145,9 +169,34 @@ def _seed_for(seed: int, name: str) -> int:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, method: MergeMethod, source: Callable[[str], TensorSource]):
+    def __init__(self, recipe: Recipe, method: MergeMethod, source: Callable[[str], TensorSource],
+                 open_stats: Callable[[str], StatsSource] | None):
         self.recipe, self.method, self.source = recipe, method, source
         self.uses_base = method.base != "ignored"
+        self.open_stats = open_stats
+        self.sidecars: dict[str, Sidecar] = {}
+        self.with_stats: list[str] = []  # tensors merged with their statistics
+        self.fallback: list[str] = []  # tensors no model has statistics for: the method's fallback
+
+    def sidecar(self, src: _Source) -> Sidecar | None:
+        if src.stats is None or self.open_stats is None:
+            return None
+        if src.stats not in self.sidecars:
+            self.sidecars[src.stats] = Sidecar(src.model, self.open_stats(src.stats))
+        return self.sidecars[src.stats]
+
+    def tensor_stats(self, name: str, shape: tuple[int, ...], kwargs: dict[str, Any], base_src: _Source | None,
+                     others: list[_Source], key_of: Callable[[_Source], str]) -> TensorStats | None:
+        kinds = self.method.statistics(kwargs)
+        if self.method.needs is None:
+            return None
+        ordered = ([base_src] if base_src else []) + others
+        inputs = [(s.model, key_of(s), self.sidecar(s)) for s in ordered]
+        stats = plan_tensor_stats(name, shape, kinds, inputs, 0 if base_src else None,
+                                  lambda model, key: key in self.source(model).keys())
+        covered = any(stats.refs[i] for i in range(1 if base_src else 0, len(stats.refs)))
+        (self.with_stats if covered or not kinds else self.fallback).append(name)
+        return stats
 
     def job(self, name: str, out_slice: _Slice, key_of: Callable[[_Source], str], t: float) -> Job:
         base_model = out_slice.base_model if self.uses_base else None
@@ -172,7 +221,8 @@ class _Planner:
         first = (base or inputs[0])
         stored = first.source.dtype(first.key)
         out_dtype = self.recipe.output_dtype if stored.is_floating_point and self.recipe.output_dtype else stored
-        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype)
+        stats = self.tensor_stats(name, shape, kwargs, base_src, others, key_of) if stored.is_floating_point else None
+        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype, stats)
 
     def _is_per_model(self, key: str) -> bool:
         try:
@@ -181,8 +231,10 @@ class _Planner:
             return False
 
 
-def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource]) -> Plan:
-    """Turn a recipe into one job per output tensor; every input is checked before anything is read."""
+def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
+               open_stats: Callable[[str], StatsSource] | None = None) -> Plan:
+    """Turn a recipe into one job per output tensor; every input (statistics included, opened with
+    ``open_stats``) is checked before anything is read."""
     method = get_method(recipe.merge_method)
     cache: dict[str, TensorSource] = {}
 
@@ -199,8 +251,11 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource]) -> Pl
     first_slice = slices[0]
     reference_model = first_slice.base_model if uses_base and first_slice.base_model else first_slice.sources[0].model
     reference = source(reference_model)
+    head_prefixes = tuple(recipe.head_tensors or HEAD_PREFIXES)
+    heads_kept = recipe.heads != "merge"
     if recipe.models is not None:
-        _check_same_keys([source(s.model) for s in first_slice.sources], reference)
+        _check_same_keys([source(s.model) for s in first_slice.sources], reference,
+                         (lambda k: is_head(k, head_prefixes)) if heads_kept else (lambda k: False))
 
     layered: dict[str, dict[int, list[str]]] = {}
     pre, post = [], []
@@ -216,7 +271,10 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource]) -> Pl
         raise MergeError(f"'slices' need a model with one stack of layers; found {len(layered)} "
                          f"({', '.join(sorted(layered)) or 'none'})")
 
-    planner = _Planner(recipe, method, source)
+    planner = _Planner(recipe, method, source, open_stats)
+    if heads_kept:  # head tensors are copied (or kept aside), not merged
+        post = [k for k in post if not is_head(k, head_prefixes)]
+        pre = [k for k in pre if not is_head(k, head_prefixes)]
     jobs = [planner.job(key, first_slice, lambda s, k=key: k, 0.0) for key in pre]
     layer_counts: dict[str, int] = {}
     for stack, layers in layered.items():
@@ -232,7 +290,64 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource]) -> Pl
                 out_index += 1
         layer_counts[stack] = out_index
     jobs += [planner.job(key, slices[-1], lambda s, k=key: k, 0.0) for key in post]
-    return Plan(jobs, method, list(cache.values()), reference, layer_counts)
+    kept: dict[str, list[str]] = {}
+    if heads_kept:
+        jobs += _head_jobs(recipe, source, head_prefixes)
+        if recipe.heads == "each":
+            kept = {s.model: [k for k in source(s.model).keys() if is_head(k, head_prefixes)]
+                    for s in slices[-1].sources if s.model != recipe.base_model or not uses_base}
+            if not any(kept.values()):
+                raise MergeError(f"heads: each, but no model has a tensor starting with {', '.join(head_prefixes)}; "
+                                 f"name the head tensors with head_tensors: [prefix, ...]")
+    _check_sidecars(planner.sidecars.values())
+    if planner.fallback and not planner.with_stats:
+        sidecar = next(iter(planner.sidecars.values()))
+        raise MergeError(f"no statistic in {sidecar.where()} matches a tensor of the checkpoints (it has e.g. "
+                         f"'{min(sidecar.keys)}', the merge needs e.g. '{planner.fallback[0]}'); were the "
+                         f"statistics measured on this architecture?")
+    return Plan(_pair_joint_biases(jobs), method, list(cache.values()), reference, layer_counts, kept,
+                planner.fallback)
+
+
+def _head_jobs(recipe: Recipe, source: Callable[[str], TensorSource], prefixes: tuple[str, ...]) -> list[Job]:
+    """Copies of the head tensors from the model the ``heads`` policy names (base, or one model). With
+    ``each``, the main checkpoint gets the base's head when the base has one, and none otherwise."""
+    if recipe.heads == "each":
+        owner = recipe.base_model if recipe.base_model is not None else None
+        if owner is None or not any(is_head(k, prefixes) for k in source(owner).keys()):
+            return []
+    else:
+        owner = recipe.base_model if recipe.heads == "base" else recipe.heads
+    copy = get_method("passthrough")
+    holder = source(owner)
+    names = [k for k in holder.keys() if is_head(k, prefixes)]
+    if not names:
+        raise MergeError(f"heads: {recipe.heads}, but '{owner}' has no tensor starting with {', '.join(prefixes)}; "
+                         f"name the head tensors with head_tensors: [prefix, ...]")
+    out_dtype = recipe.output_dtype
+    return [Job(k, copy, None, [TensorInput(holder, k)], copy.bind({}, [{}], f"tensor '{k}'"), holder.shape(k),
+                out_dtype if out_dtype and holder.dtype(k).is_floating_point else holder.dtype(k)) for k in names]
+
+
+def _check_sidecars(sidecars: Any) -> None:
+    """Statistics measured on different architectures (another model identity) cannot be merged together."""
+    identified = [s for s in sidecars if s.source.model]
+    for other in identified[1:]:
+        if other.source.model != identified[0].source.model:
+            raise MergeError(f"{other.where()} and {identified[0].where()} were measured on different architectures "
+                             f"(model identity {other.source.model} vs {identified[0].source.model})")
+
+
+def _pair_joint_biases(jobs: list[Job]) -> list[Job]:
+    """Attach each bias that K-FAC solves together with its weight to the weight's job."""
+    by_name = {job.name: job for job in jobs}
+    taken = set()
+    for job in jobs:
+        bias = job.stats.joint_bias if job.stats is not None else None
+        if bias is not None and bias in by_name:
+            job.companion = by_name[bias]
+            taken.add(bias)
+    return [job for job in jobs if job.name not in taken]
 
 
 @dataclass
@@ -246,31 +361,72 @@ class MergeSummary:
     peak_rss_bytes: int
     output: str = ""
     files: list[str] = field(default_factory=list)
+    solver: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block: CG iterations and residuals
+    fallback: list[str] = field(default_factory=list)  # tensors merged by the fallback, without statistics
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
-            seed: int) -> torch.Tensor:
-    """Compute one output tensor from its loaded inputs (base first, when the job has one)."""
+            seed: int, stats: list[dict[str, Any]] | None = None, report: dict[str, Any] | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Compute a job's output tensors from its loaded inputs (base first, when the job has one, then the
+    companion's inputs) and statistics."""
     if not tensors[0].is_floating_point():
         # integer buffers (position ids, masks) are not averaged: they come from the base or first model
-        return tensors[0]
+        return {job.name: tensors[0]}
     upcast = job.method.upcast_inputs
     work = [t.to(device=device, dtype=compute_dtype if upcast or i == 0 else None, non_blocking=True)
             for i, t in enumerate(tensors)]
-    base, others = (work[0], work[1:]) if job.base is not None else (None, work)
+    blocks = _as_blocks(job, work)
+    base, others = (blocks[0], blocks[1:]) if job.base is not None else (None, blocks)
     kwargs = dict(job.kwargs)
     if job.method.random:
         kwargs["generator"] = torch.Generator().manual_seed(_seed_for(seed, job.name))
-    result = job.method.function(base, others, **kwargs)
+    if job.method.needs is not None:
+        per_input = [{k: v.to(device=device, dtype=compute_dtype) if isinstance(v, torch.Tensor) else v
+                      for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
+        kwargs.update(stats=per_input[1:] if job.base is not None else per_input,
+                      base_stats=per_input[0] if job.base is not None else {}, name=job.name)
+        if _reports(job.method.function):
+            kwargs["report"] = report if report is not None else {}
+    try:
+        result = job.method.function(base, others, **kwargs)
+    except ValueError as e:  # the solver's message on a broken system (NaN, not positive semi-definite)
+        raise MergeError(f"merging '{job.name}': {e}") from None
     low, high = torch.aminmax(result) if result.numel() else (result.new_zeros(()), result.new_zeros(()))
     if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):  # one pass; NaN propagates to both
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")
-    return result.to(dtype=job.out_dtype).to("cpu")
+    return {out.name: tensor.to(dtype=out.out_dtype).to("cpu")
+            for out, tensor in zip(job.outputs, _from_block(job, result))}
 
 
-def _prefetch(plan: Plan, depth: int, stop: threading.Event) -> Iterator[tuple[Job, list[torch.Tensor]]]:
-    """Yield each job with its loaded inputs, reading ahead on a thread by at most ``depth`` jobs."""
+@functools.cache
+def _reports(function: Callable[..., Any]) -> bool:
+    return "report" in inspect.signature(function).parameters
+
+
+def _as_blocks(job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The blocks a method merges: a weight as (out, in), with its companion bias as a last column."""
+    transposed = job.stats is not None and job.stats.transposed
+    own = len(job.own_reads)
+    weights = [t.T if transposed else t for t in tensors[:own]]
+    if job.companion is None:
+        return weights
+    return [torch.cat([w, b[:, None]], dim=1) for w, b in zip(weights, tensors[own:])]
+
+
+def _from_block(job: Job, block: torch.Tensor) -> list[torch.Tensor]:
+    transposed = job.stats is not None and job.stats.transposed
+    tensors = [block[:, :-1], block[:, -1]] if job.companion is not None else [block]
+    if transposed:
+        tensors[0] = tensors[0].T
+    return [t.contiguous() for t in tensors]
+
+
+def _prefetch(plan: Plan, depth: int, stop: threading.Event
+              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None]]:
+    """Yield each job with its loaded inputs and statistics, reading ahead on a thread by at most ``depth``
+    jobs."""
     loaded: queue.Queue = queue.Queue(maxsize=depth)
 
     def read() -> None:
@@ -278,7 +434,8 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event) -> Iterator[tuple[J
             for job in plan.jobs:
                 if stop.is_set():
                     return
-                loaded.put((job, [r.source.get(r.key) for r in job.reads]))
+                stats = job.stats.load() if job.stats is not None else None
+                loaded.put((job, [r.source.get(r.key) for r in job.reads], stats))
             loaded.put(None)
         except BaseException as e:  # re-raised on the consuming thread
             loaded.put(e)
@@ -308,15 +465,22 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
         raise MergeError("--device cuda was requested but no CUDA device is available")
     start = time.perf_counter()
     bytes_read = bytes_written = 0
-    for job, tensors in _prefetch(plan, prefetch, threading.Event()):
+    reports: dict[str, dict[str, Any]] = {}
+    for job, tensors, stats in _prefetch(plan, prefetch, threading.Event()):
         bytes_read += sum(t.numel() * t.element_size() for t in tensors)
-        result = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed)
-        bytes_written += result.numel() * result.element_size()
-        sink(job.name, result)
+        report: dict[str, Any] = {}
+        results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
+                          report=report)
+        if report:
+            reports[job.name] = report
+        for name, result in results.items():
+            bytes_written += result.numel() * result.element_size()
+            sink(name, result)
         if on_tensor is not None:
             on_tensor(job)
-    return MergeSummary(plan.method.name, [s.name for s in plan.sources], len(plan.jobs), bytes_read,
-                        bytes_written, time.perf_counter() - start, peak_rss_bytes())
+    return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
+                        bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
+                        fallback=list(plan.fallback))
 
 
 def peak_rss_bytes() -> int:

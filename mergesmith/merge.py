@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute, spli
 from mergesmith.errors import MergeError
 from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
+from mergesmith.io.sidecar import StatsReader
 from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
+from mergesmith.measure import Statistics
+from mergesmith.statistics import MemoryStats
 
 
 def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
@@ -25,7 +29,8 @@ def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
 def plan_merge(recipe: Recipe | Mapping[str, Any] | str | Path) -> Plan:
     """Validate a recipe against its checkpoints (names, shapes, parameters) without merging."""
     recipe = _as_recipe(recipe)
-    return build_plan(recipe, lambda model: CheckpointReader(Path(model), name=model))
+    return build_plan(recipe, lambda model: CheckpointReader(Path(model), name=model),
+                      lambda stats: StatsReader(Path(stats)))
 
 
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *, device: str = "cpu",
@@ -46,7 +51,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     if on_plan is not None:
         on_plan(plan)
     with atomic_output_dir(output, overwrite) as directory:
-        outputs = [OutputTensor(job.name, job.shape, job.out_dtype) for job in plan.jobs]
+        outputs = [OutputTensor(out.name, out.shape, out.out_dtype) for job in plan.jobs for out in job.outputs]
         writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
         try:
             summary = execute(plan, writer.add, device=device, seed=seed, on_tensor=on_tensor)
@@ -55,6 +60,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
             writer.abort()
             raise
         _write_sidecar_files(recipe, plan, directory)
+        files += _write_kept_heads(plan, directory)
     summary.output, summary.files = str(output), files
     return summary
 
@@ -76,6 +82,29 @@ def _write_sidecar_files(recipe: Recipe, plan: Plan, directory: Path) -> None:
                      base_model=recipe.base_model, models=models)
 
 
+def _write_kept_heads(plan: Plan, directory: Path) -> list[str]:
+    """``heads: each``: every model's own head under heads/<model>/ (its tensors, and its config.json so
+    the head's label space can be loaded with it; docs/recipes.md shows how)."""
+    from safetensors.torch import save_file
+
+    sources = {s.name: s for s in plan.sources}
+    written, labels = [], set()
+    for model, names in plan.kept_heads.items():
+        label = Path(model).name or "model"
+        while label in labels:
+            label += "_"
+        labels.add(label)
+        folder = directory / "heads" / label
+        folder.mkdir(parents=True)
+        save_file({k: sources[model].get(k).contiguous() for k in names}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt", "mergesmith_head_of": model})
+        config = getattr(sources[model], "directory", None)
+        if config is not None and (config / "config.json").exists():
+            shutil.copyfile(config / "config.json", folder / "config.json")
+        written.append(str(Path("heads") / label / "model.safetensors"))
+    return written
+
+
 def _layer_change(plan: Plan) -> tuple[int, int] | None:
     """(layers in the reference, layers written) for the single layer stack, if there is one."""
     if len(plan.layer_counts) != 1:
@@ -86,11 +115,24 @@ def _layer_change(plan: Plan) -> tuple[int, int] | None:
 
 
 def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
-                      *, device: str = "cpu", seed: int = 0, compute_dtype: torch.dtype = torch.float32
+                      *, statistics: Mapping[str, Mapping[str, torch.Tensor] | Statistics] | None = None,
+                      device: str = "cpu", seed: int = 0, compute_dtype: torch.dtype = torch.float32
                       ) -> dict[str, torch.Tensor]:
-    """Merge in memory: the recipe's model names are keys of ``state_dicts``. For research and tests;
-    ``compute_dtype=torch.float64`` gives exact references."""
+    """Merge in memory: the recipe's model names are keys of ``state_dicts``, and its ``stats:`` names keys
+    of ``statistics`` (each a dict keyed like a sidecar, ``fisher/<param>``, ``gram/<module>``, ..., or the
+    ``Statistics`` that ``measure`` returns). For research and tests; ``compute_dtype=torch.float64``
+    gives exact references."""
     recipe = _as_recipe(recipe)
+    statistics = statistics or {}
+
+    def open_stats(name: str) -> MemoryStats:
+        if name not in statistics:
+            raise MergeError(f"recipe names statistics '{name}' but none were given for it (have: "
+                             f"{', '.join(sorted(statistics)) or 'none'})")
+        given = statistics[name]
+        if isinstance(given, Statistics):
+            return MemoryStats(name, given.tensors, given.counts)
+        return MemoryStats(name, given)
 
     def open_source(model: str) -> StateDictReader:
         if model not in state_dicts:
@@ -98,7 +140,7 @@ def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[s
                              f"(have: {', '.join(sorted(state_dicts))})")
         return StateDictReader(model, state_dicts[model])
 
-    plan = build_plan(recipe, open_source)
+    plan = build_plan(recipe, open_source, open_stats)
     merged: dict[str, torch.Tensor] = {}
     execute(plan, merged.__setitem__, device=device, seed=seed, compute_dtype=compute_dtype, prefetch=1)
     return merged

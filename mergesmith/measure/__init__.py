@@ -42,10 +42,12 @@ class Statistics:
     counts: dict[str, int] = field(default_factory=dict)
     model: str = ""
     fisher_variant: str | None = None
+    transposed: list[str] = field(default_factory=list)  # modules whose weight is (in, out): GPT-2's Conv1D
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, max_shard_size: str | int = "5GB") -> Path:
         return save_stats(directory, self.tensors, self.counts, model=self.model,
-                          fisher_variant=self.fisher_variant)
+                          fisher_variant=self.fisher_variant, transposed=self.transposed,
+                          max_shard_size=max_shard_size)
 
 
 class _Sums:
@@ -225,7 +227,9 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
         raise MergeError("no data: the batches were empty, so there is nothing to measure")
     tensors, counts = sums.means()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    return Statistics(tensors, counts, model_identity(shapes), fisher_variant if "fisher" in kinds else None)
+    transposed = [name for name, module in layers.items() if type(module).__name__ == "Conv1D"]
+    return Statistics(tensors, counts, model_identity(shapes), fisher_variant if "fisher" in kinds else None,
+                      transposed)
 
 
 def _all_reduce(sums: _Sums, seen: int) -> int:

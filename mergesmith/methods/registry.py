@@ -27,6 +27,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     help: str = ""
     arg: str = ""  # the Python keyword the function receives, when the recipe name is reserved ("lambda")
+    words: tuple[str, ...] = ()  # strings a numeric parameter also accepts ("base" for a prior)
 
     @property
     def argument(self) -> str:
@@ -34,6 +35,8 @@ class Param:
 
     def validate(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's type or raise a MergeError naming ``where``."""
+        if isinstance(value, str) and value in self.words:
+            return value
         if self.choices is not None:
             # compare types too: 1 == True in Python, and a number must not pass as a boolean choice
             if not any(value == c and type(value) is type(c) for c in self.choices):
@@ -46,7 +49,8 @@ class Param:
             return value
         if self.kind in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MergeError(f"{where}: '{self.name}' must be a number, got {value!r}")
+                also = "".join(f" or '{w}'" for w in self.words)
+                raise MergeError(f"{where}: '{self.name}' must be a number{also}, got {value!r}")
             value = self.kind(value)
             if self.interval is not None:
                 low, high = self.interval
@@ -80,6 +84,12 @@ class MergeMethod:
     upcast_inputs: bool = True  # False: only the base (or first input) arrives in the compute dtype
     reference: str = ""
     summary: str = ""
+    # statistics a curvature method uses, given its bound parameters: kinds of the sidecar (fisher, gram,
+    # kfac_a, kfac_g) plus fisher_norm and fisher_count, supplied by the engine per tensor and model
+    needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+
+    def statistics(self, kwargs: dict[str, Any]) -> tuple[str, ...]:
+        return self.needs(kwargs) if self.needs is not None else ()
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -143,7 +153,9 @@ _METHODS: dict[str, MergeMethod] = {}
 
 def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: BasePolicy = "required",
              min_models: int = 1, max_models: int | None = None, random: bool = False,
-             upcast_inputs: bool = True, reference: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             upcast_inputs: bool = True, reference: str = "",
+             needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
     ``upcast_inputs=False`` is for methods that only combine the other inputs with the compute-dtype
@@ -157,7 +169,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         # the docstring's first paragraph, on one line (it states the formula)
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
-                                     upcast_inputs, reference, summary)
+                                     upcast_inputs, reference, summary, needs)
         return function
 
     return decorate
@@ -176,12 +188,15 @@ def method_names() -> list[str]:
 
 
 def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameters: list[dict[str, Any]] | None = None,
-                  generator: Any = None, **parameters: Any) -> Any:
+                  generator: Any = None, stats: list[dict[str, Any]] | None = None,
+                  base_stats: dict[str, Any] | None = None, **parameters: Any) -> Any:
     """Merge one tensor in memory: ``merge_tensors("ties", base, [t1, t2], density=0.5, lambda_=...)``.
 
     Global parameters are keywords (``lambda`` may be passed as ``**{"lambda": 0.7}``); per-model values go
     in ``model_parameters`` (one dict per tensor) or as a global default. Tensors are used as given, so
-    pass float32 or float64.
+    pass float32 or float64. Curvature methods take ``stats``, one dict per tensor of this tensor's
+    statistics ({"fisher": F} with F its shape, {"gram": G}, {"kfac_a": A, "kfac_g": G}, "fisher_count":
+    examples), and ``base_stats`` for the base.
     """
     spec = get_method(method)
     spec.check_inputs(base is not None, len(tensors), f"merge_tensors('{method}')")
@@ -193,4 +208,11 @@ def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameter
         if generator is None:
             raise MergeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
         kwargs["generator"] = generator
+    if spec.needs is not None:
+        if stats is not None and len(stats) != len(tensors):
+            raise MergeError(f"merge_tensors('{method}'): {len(stats)} stats for {len(tensors)} tensors; give one "
+                             f"dict per tensor")
+        kwargs["stats"] = [dict(s) for s in stats] if stats is not None else [{} for _ in tensors]
+        kwargs["base_stats"] = dict(base_stats or {})
+        kwargs["name"] = "merge_tensors"
     return spec.function(base if spec.base != "ignored" else None, list(tensors), **kwargs)

@@ -1,0 +1,209 @@
+"""Which statistics a curvature merge reads for each tensor, checked against the checkpoints before any
+tensor is merged.
+
+A sidecar keys its statistics by parameter (``fisher/<param>``) or by Linear module (``gram/<module>``,
+``kfac_a/<module>``, ``kfac_g/<module>``, where the weight is ``<module>.weight``). Methods always see a
+weight as (out, in): a module stored the other way round (GPT-2's Conv1D, listed in the sidecar's
+``transposed`` metadata) is transposed on the way in and back on the way out. With a bias, K-FAC's input
+factor has one more row and column (the constant input 1), and the weight and bias are solved as one
+block [W | b].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.methods.curvature import fisher_problem
+
+MODULE_KINDS = ("gram", "kfac_a", "kfac_g")
+DERIVED = {"fisher_norm": "fisher", "fisher_count": "fisher"}  # computed from the sidecar, not stored
+
+
+class StatsSource(Protocol):
+    """A sidecar as the engine reads it (``mergesmith.io.sidecar.StatsReader`` or ``MemoryStats``)."""
+
+    counts: dict[str, int]
+    model: str
+    metadata: dict[str, Any]
+
+    def keys(self) -> list[str]: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class MemoryStats:
+    """Statistics held in memory, keyed like a sidecar (for ``merge_state_dicts``)."""
+
+    def __init__(self, name: str, tensors: Mapping[str, torch.Tensor], counts: Mapping[str, int] | None = None):
+        self.path = name
+        self._tensors = dict(tensors)
+        self.counts = dict(counts or {})
+        self.model = ""
+        self.metadata: dict[str, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class Sidecar:
+    """One model's statistics, with what the planner asks of them: kinds, shapes, norms, layouts."""
+
+    def __init__(self, model: str, source: StatsSource):
+        self.model, self.source = model, source
+        self.keys = set(source.keys())
+        self.kinds = {key.split("/", 1)[0] for key in self.keys}
+        self.transposed = set(json.loads(source.metadata.get("transposed", "[]")))
+        self._norms: dict[str, float] = {}
+
+    def where(self) -> str:
+        return f"model '{self.model}' (statistics {getattr(self.source, 'path', '?')})"
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shape = getattr(self.source, "shape", None)
+        return tuple(shape(key)) if shape is not None else tuple(self.source.get(key).shape)
+
+    def norm(self, kind: str) -> float:
+        """The L2 norm of every entry of a kind, over the whole model (read once, on first use)."""
+        if kind not in self._norms:
+            total = sum(float(self.source.get(k).double().square().sum()) for k in sorted(self.keys)
+                        if k.startswith(f"{kind}/"))
+            self._norms[kind] = total ** 0.5
+        return self._norms[kind]
+
+    def value(self, kind: str, key: str) -> Any:
+        if kind == "fisher_norm":
+            return self.norm("fisher")
+        if kind == "fisher_count":
+            return self.source.counts.get(key)
+        tensor = self.source.get(key)
+        problem = fisher_problem(tensor) if kind == "fisher" else None
+        if problem is not None:
+            raise MergeError(f"{self.where()}: '{key}' {problem}; measure it again")
+        return tensor
+
+
+@dataclass(frozen=True)
+class StatRef:
+    """One statistic of one tensor of one model, read when the job runs."""
+
+    sidecar: Sidecar
+    kind: str
+    key: str
+
+    def load(self) -> Any:
+        return self.sidecar.value(self.kind, self.key)
+
+
+def stat_key(kind: str, tensor: str) -> str | None:
+    """The sidecar key of ``kind`` for a tensor, or None when that kind has none for it (a bias has no Gram)."""
+    kind = DERIVED.get(kind, kind)
+    if kind == "fisher":
+        return f"fisher/{tensor}"
+    if not tensor.endswith(".weight"):
+        return None
+    return f"{kind}/{tensor.removesuffix('.weight')}"
+
+
+@dataclass
+class TensorStats:
+    """What a job reads besides weights: per model (base first when there is one) {kind: StatRef}."""
+
+    refs: list[dict[str, StatRef]]
+    transposed: bool = False  # the weight is stored (in, out)
+    joint_bias: str | None = None  # the bias tensor solved together with this weight
+
+    def load(self) -> list[dict[str, Any]]:
+        return [{kind: ref.load() for kind, ref in refs.items()} for refs in self.refs]
+
+
+def plan_tensor_stats(name: str, shape: tuple[int, ...], kinds: tuple[str, ...],
+                      inputs: list[tuple[str, str, Sidecar | None]], base_index: int | None,
+                      has_key: Callable[[str, str], bool]) -> TensorStats:
+    """Check and locate the statistics ``kinds`` of one output tensor for every input (model, tensor key,
+    sidecar); the base's are optional. ``has_key(model, key)`` says whether a model's checkpoint holds a tensor
+    (for the bias K-FAC's augmented factor refers to)."""
+    refs: list[dict[str, StatRef]] = []
+    transposed = joint_bias = None
+    for index, (model, key, sidecar) in enumerate(inputs):
+        found: dict[str, StatRef] = {}
+        for kind in kinds:
+            stored = DERIVED.get(kind, kind)
+            if sidecar is None or stored not in sidecar.kinds:
+                if index == base_index:
+                    continue
+                raise _missing_kind(model, sidecar, stored)
+            stat = stat_key(kind, key)
+            if stat is None or stat not in sidecar.keys:
+                continue
+            found[kind] = StatRef(sidecar, kind, stat)
+            if kind in MODULE_KINDS or kind == "fisher":
+                layout = _check_shape(name, shape, kind, sidecar, stat, has_key(model, _bias_of(key)))
+                if kind in MODULE_KINDS:
+                    transposed = layout[0] if transposed is None else transposed
+                if layout[1]:
+                    joint_bias = _bias_of(name)
+        refs.append(found)
+    _check_consistent(name, kinds, inputs, refs, base_index)
+    return TensorStats(refs, bool(transposed), joint_bias)
+
+
+def _missing_kind(model: str, sidecar: Sidecar | None, kind: str) -> MergeError:
+    if sidecar is None:
+        return MergeError(f"model '{model}' has no statistics, and the merge needs '{kind}'; add 'stats: DIR' to "
+                          f"its entry in the recipe")
+    has = ", ".join(sorted(sidecar.kinds)) or "none"
+    return MergeError(f"{sidecar.where()} has no '{kind}' statistics (it has: {has}); measure it with "
+                      f"--kind {kind.split('_')[0]}")
+
+
+def _bias_of(weight_key: str) -> str:
+    return weight_key.removesuffix(".weight") + ".bias"
+
+
+def _check_shape(name: str, shape: tuple[int, ...], kind: str, sidecar: Sidecar, key: str,
+                 has_bias: bool) -> tuple[bool, bool]:
+    """(transposed, joint bias) of a statistic that fits the tensor; a misfit is a MergeError."""
+    got = sidecar.shape(key)
+    if kind == "fisher":
+        if got != tuple(shape):
+            raise _misfit(sidecar, key, got, f"{tuple(shape)}, the shape of '{name}'")
+        return False, False
+    if len(shape) != 2:
+        raise _misfit(sidecar, key, got, f"a matrix: '{name}' has shape {tuple(shape)}, not (out, in)")
+    module = key.split("/", 1)[1]
+    transposed = module in sidecar.transposed
+    out_features, in_features = (shape[1], shape[0]) if transposed else shape
+    if kind == "kfac_g":
+        expected = [(out_features, out_features)]
+    elif kind == "kfac_a":
+        expected = [(in_features, in_features)] + ([(in_features + 1,) * 2] if has_bias else [])
+    else:
+        expected = [(in_features, in_features)]
+    if got not in expected:
+        raise _misfit(sidecar, key, got, " or ".join(str(e) for e in expected) + f" for '{name}' {tuple(shape)}")
+    return transposed, kind == "kfac_a" and got[0] == in_features + 1
+
+
+def _misfit(sidecar: Sidecar, key: str, got: tuple[int, ...], expected: str) -> MergeError:
+    return MergeError(f"{sidecar.where()}: '{key}' has shape {got}, expected {expected}; were these statistics "
+                      f"measured on another model?")
+
+
+def _check_consistent(name: str, kinds: tuple[str, ...], inputs: list, refs: list[dict[str, StatRef]],
+                      base_index: int | None) -> None:
+    """Every merged model has a statistic for this tensor, or none has (then the method's fallback applies)."""
+    for kind in kinds:
+        present = [kind in r for i, r in enumerate(refs) if i != base_index]
+        if any(present) and not all(present):
+            models = [m for i, (m, _, _) in enumerate(inputs) if i != base_index]
+            lacking = models[present.index(False)]
+            raise MergeError(f"model '{lacking}' has no '{DERIVED.get(kind, kind)}' statistic for '{name}' while "
+                             f"other models do; measure every model's statistics the same way")
