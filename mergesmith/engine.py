@@ -183,6 +183,7 @@ class _Planner:
             return None
         if src.stats not in self.sidecars:
             self.sidecars[src.stats] = Sidecar(src.model, self.open_stats(src.stats))
+            _check_sidecars(self.sidecars.values())
         return self.sidecars[src.stats]
 
     def tensor_stats(self, name: str, shape: tuple[int, ...], kwargs: dict[str, Any], base_src: _Source | None,
@@ -299,7 +300,6 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
             if not any(kept.values()):
                 raise MergeError(f"heads: each, but no model has a tensor starting with {', '.join(head_prefixes)}; "
                                  f"name the head tensors with head_tensors: [prefix, ...]")
-    _check_sidecars(planner.sidecars.values())
     if planner.fallback and not planner.with_stats:
         sidecar = next(iter(planner.sidecars.values()))
         raise MergeError(f"no statistic in {sidecar.where()} matches a tensor of the checkpoints (it has e.g. "

@@ -380,9 +380,23 @@ def test_mats_kfac_equals_a_dense_solve_of_the_kronecker_sum(preconditioner, ini
     base, tunes, a_factors, g_factors = kfac_models()
     expected = dense_kron_merge(lambdas, g_factors, a_factors, tunes)
     got = merge_tensors("mats", base, tunes, stats=[{"kfac_a": a, "kfac_g": g} for a, g in zip(a_factors, g_factors)],
-                        precision="kfac", init=init, preconditioner=preconditioner, tol=CG_TOL,
+                        precision="kfac", init=init, preconditioner=preconditioner, tol=CG_TOL, damping=0.0,
                         model_parameters=per_model(weight=lambdas))
     assert_rel(got, expected, what=f"mats kfac (preconditioner={preconditioner}, init={init}) vs dense solve")
+
+
+def test_mats_kfac_damping_adds_a_relative_multiple_of_the_identity_to_each_factor():
+    lambdas, delta = [0.5, 1.0, 2.0], 0.3
+    base, tunes, a_factors, g_factors = kfac_models(seed=510)
+
+    def damp(f):
+        return f + delta * (torch.trace(f) / f.shape[0]) * torch.eye(f.shape[0], dtype=f.dtype)
+
+    expected = dense_kron_merge(lambdas, [damp(g) for g in g_factors], [damp(a) for a in a_factors], tunes)
+    got = merge_tensors("mats", base, tunes, stats=[{"kfac_a": a, "kfac_g": g} for a, g in zip(a_factors, g_factors)],
+                        precision="kfac", init="average", tol=CG_TOL, damping=delta,
+                        model_parameters=per_model(weight=lambdas))
+    assert_rel(got, expected, what="mats kfac with damping vs dense solve of the damped factors")
 
 
 def test_mats_kfac_preconditioner_is_exact_for_shared_factors():
@@ -392,7 +406,7 @@ def test_mats_kfac_preconditioner_is_exact_for_shared_factors():
     base, tunes, a_factors, g_factors = kfac_models(seed=520)
     stats = [{"kfac_a": a_factors[0], "kfac_g": g_factors[0]} for _ in tunes]
     got = merge_tensors("mats", base, tunes, stats=stats, precision="kfac", init="base", preconditioner=True,
-                        max_iters=1, model_parameters=per_model(weight=lambdas))
+                        damping=0.0, max_iters=1, model_parameters=per_model(weight=lambdas))
     assert_rel(got, weighted_average(tunes, lambdas), rtol=1e-9, what="mats kfac, shared factors, one CG step")
 
 
@@ -485,7 +499,7 @@ def test_merge_state_dicts_mats_kfac_solves_weight_and_bias_jointly():
     for i, s in enumerate(STATS):
         statistics[s] = {"kfac_a/a": spd(4, 730 + 10 * i), "kfac_g/a": spd(4, 731 + 10 * i),  # A: in + 1 = 4
                          "kfac_a/b": spd(4, 732 + 10 * i), "kfac_g/b": spd(2, 733 + 10 * i)}
-    parameters = {"precision": "kfac", "init": "average", "tol": CG_TOL}
+    parameters = {"precision": "kfac", "init": "average", "tol": CG_TOL, "damping": 0.0}
     merged = merge_state_dicts(recipe("mats", parameters), states, statistics=statistics, compute_dtype=F64)
     blocks = [torch.cat([states[m]["a.weight"], states[m]["a.bias"][:, None]], dim=1) for m in MODELS]  # (4, 3+1)
     expected = dense_kron_merge(WEIGHTS, [statistics[s]["kfac_g/a"] for s in STATS],

@@ -156,16 +156,23 @@ def _mats_needs(kwargs: dict[str, Any]) -> tuple[str, ...]:
     Param("max_iters", int, 100, interval=(0, 1e9), help="conjugate-gradient iterations at most"),
     Param("tol", float, 1e-6, interval=(0.0, 1.0), help="relative residual to stop at"),
     Param("preconditioner", bool, True, help="precondition CG with the mean factors' Kronecker product"),
+    Param("damping", float, 1e-6, interval=(0.0, float("inf")),
+          help="K-FAC damping δ: each factor F gets δ·mean(diag F) added to its diagonal"),
 ])
 def mats(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], precision: str, init: str,
-         scale: float, max_iters: int, tol: float, preconditioner: bool, stats: Stats, base_stats: dict,
-         name: str, report: dict[str, Any] | None = None) -> Tensor:
+         scale: float, max_iters: int, tol: float, preconditioner: bool, damping: float, stats: Stats,
+         base_stats: dict, name: str, report: dict[str, Any] | None = None) -> Tensor:
     """MaTS (Tam et al.): solve (Σ_i λ_i C_i) θ = Σ_i λ_i C_i θ_i with C_i the identity (the weighted
     average), the diagonal Fisher (elementwise), the Gram matrix G_i ⊗ I (Cholesky, as RegMean) or K-FAC
     A_i ⊗ G_i, i.e. C_i(W) = G_i W A_i, by (preconditioned) conjugate gradient from ``init``: θ_0 + λ Σ_i τ_i,
     the average or the base. Tensors without the statistic take the weighted average; Fisher entries no
     model cares about keep the starting value. CG's iterations and initial and final relative residuals go
-    into ``report`` when given."""
+    into ``report`` when given.
+
+    K-FAC factors measured on little data are singular (rank ≤ rows), so the system has no unique solution
+    and CG in finite precision breaks down on it. ``damping`` δ makes each factor positive definite, F ←
+    F + δ·mean(diag F)·I, K-FAC's usual Tikhonov damping (0 solves the system exactly as given); CG runs in
+    float64 whatever the compute dtype (float32 on MPS)."""
     average = weighted_average(tensors, weight)
     kinds = _mats_needs({"precision": precision})
     if not kinds or any(statistic(stats, kind, name) is None for kind in kinds):
@@ -177,15 +184,24 @@ def mats(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[flo
         return solve_diagonal(total, sum(w * f * t for w, f, t in zip(weight, fishers, tensors)), fallback=start)
     if precision == "gram":
         return gram_solve(tensors, statistic(stats, "gram", name), weight, 1.0, name)
-    a_factors = [a.to(average) for a in statistic(stats, "kfac_a", name)]
-    g_factors = [g.to(average) for g in statistic(stats, "kfac_g", name)]
-    rhs = sum(w * g @ t @ a for w, a, g, t in zip(weight, a_factors, g_factors, tensors))
-    merged, outcome = kron_cg(a_factors, g_factors, rhs, weights=list(weight), x0=start, precondition=preconditioner,
-                             max_iters=max_iters, tol=tol, name=name)
+    wide = torch.float32 if average.device.type == "mps" else torch.float64
+    a_factors = [damped(a.to(wide), damping) for a in statistic(stats, "kfac_a", name)]
+    g_factors = [damped(g.to(wide), damping) for g in statistic(stats, "kfac_g", name)]
+    rhs = sum(w * g @ t.to(wide) @ a for w, a, g, t in zip(weight, a_factors, g_factors, tensors))
+    merged, outcome = kron_cg(a_factors, g_factors, rhs, weights=list(weight), x0=start.to(wide),
+                              precondition=preconditioner, max_iters=max_iters, tol=tol, name=name)
     if report is not None:
         report.update(iterations=outcome.iterations, initial_residual=float(outcome.initial_residual.max()),
                       final_residual=float(outcome.final_residual.max()))
-    return merged
+    return merged.to(average.dtype)
+
+
+def damped(factor: Tensor, damping: float) -> Tensor:
+    """F + δ·mean(diag F)·I: the damping is relative, so it means the same at any scale of the statistics."""
+    if damping == 0:
+        return factor
+    return factor + damping * factor.diagonal().mean() * torch.eye(factor.shape[0], dtype=factor.dtype,
+                                                                   device=factor.device)
 
 
 def _mats_start(base: Tensor | None, tensors: Sequence[Tensor], average: Tensor, init: str, scale: float,
