@@ -245,3 +245,51 @@ def test_heads_of_different_label_spaces_must_be_covered_by_a_policy(tmp_path, r
     assert result.code == 0, result.stderr
     torch.testing.assert_close(load_file(tmp_path / "out" / "model.safetensors")["classifier.weight"],
                                load_file(five / "model.safetensors")["classifier.weight"], rtol=0, atol=0)
+
+
+def test_conv1d_weights_are_merged_in_their_stored_layout(gpt2, tmp_path):
+    """GPT-2 stores its Conv1D weights as (in, out). The sidecar lists them as transposed, and the merge must
+    solve with the Gram on the input side all the same: W = (Σ G_i)⁻¹ Σ G_i W_i for W stored (in, out)."""
+    from transformers import GPT2LMHeadModel
+
+    from mergesmith import merge
+
+    models = {}
+    for name in ("ft1", "ft2"):
+        model = GPT2LMHeadModel.from_pretrained(gpt2[name], dtype=torch.float32)
+        ids = torch.randint(3, 100, (16, 8), generator=torch.Generator().manual_seed(0))  # 128 rows > in = 32
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        stats = measure(model, [batch], log_likelihood=causal_lm_log_likelihood, kinds=["gram", "kfac"])
+        assert "h.0.attn.c_proj" in " ".join(stats.transposed)
+        stats.save(tmp_path / f"stats-{name}")
+        models[name] = (load_file(gpt2[name] / "model.safetensors"), stats)
+    entries = [{"model": str(gpt2[n]), "stats": str(tmp_path / f"stats-{n}")} for n in models]
+    merge({"merge_method": "regmean", "models": entries}, tmp_path / "regmean")
+    merged = load_file(tmp_path / "regmean" / "model.safetensors")
+    for module in ("transformer.h.0.attn.c_proj", "transformer.h.1.mlp.c_fc"):
+        grams = [s.tensors[f"gram/{module}"].double() for _, s in models.values()]
+        weights = [w[f"{module}.weight"].double() for w, _ in models.values()]  # (in, out)
+        expected = torch.linalg.solve(sum(grams), sum(g @ w for g, w in zip(grams, weights)))
+        assert _relative_error(merged[f"{module}.weight"], expected) < 1e-4, module
+
+    merge({"merge_method": "mats", "models": entries, "parameters": {"precision": "kfac", "init": "average",
+                                                                      "tol": 1e-9, "max_iters": 500}},
+          tmp_path / "mats")
+    merged = load_file(tmp_path / "mats" / "model.safetensors")
+    module = "transformer.h.0.attn.c_proj"
+    operators, targets = [], []
+    for weights, stats in models.values():
+        a, g = (stats.tensors[f"kfac_{k}/{module}"].double() for k in ("a", "g"))
+        a = a + 1e-3 * a.diagonal().mean() * torch.eye(a.shape[0], dtype=a.dtype)  # the default damping
+        g = g + 1e-3 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
+        block = torch.cat([weights[f"{module}.weight"].double().T, weights[f"{module}.bias"].double()[:, None]], 1)
+        operators.append(torch.kron(g, a))  # row-major vec(G X A) = (G ⊗ A) vec(X) for symmetric A
+        targets.append(operators[-1] @ block.reshape(-1))
+    solution = torch.linalg.solve(sum(operators), sum(targets)).reshape(block.shape)
+    assert _relative_error(merged[f"{module}.weight"], solution[:, :-1].T) < 1e-4
+    assert _relative_error(merged[f"{module}.bias"], solution[:, -1]) < 1e-4
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    # float32 statistics and outputs through a solve: compare in norm, not entry by entry
+    return float(torch.linalg.norm(got.double() - expected) / torch.linalg.norm(expected))
