@@ -162,8 +162,8 @@ def recipes(base: Path, finetunes: list[Path], stats: dict[Path, Path] | None = 
     Task arithmetic uses λ = 0.5 (the plain average is λ = 1/3); the TIES family keeps half of each task
     vector (breadcrumbs: 90 %, minus the top 1 %) and normalizes, i.e. averages the agreeing entries.
     With ``stats`` (model → sidecar): Fisher merging with the default floor, RegMean with α = 0.9 (the
-    paper's advice for transformers), MaTS with K-FAC from the task-arithmetic start (stopping at a relative
-    residual of 1e-4 or 30 iterations, which changes no prediction here and saves a minute), and gradient matching
+    paper's advice for transformers), MaTS with K-FAC from the task-arithmetic start (stopping at the default
+    relative residual of 1e-4, or after 30 iterations), and gradient matching
     with the base's own Fisher as the prior and α_t = 1/T (so that equal curvatures give the average; with
     α_t = 1 a prior that dominates gives task arithmetic with λ = 1).
     """
@@ -186,7 +186,7 @@ def recipes(base: Path, finetunes: list[Path], stats: dict[Path, Path] | None = 
         out["fisher"] = {"merge_method": "fisher", "models": models()}
         out["regmean"] = {"merge_method": "regmean", "models": models(), "parameters": {"alpha": 0.9}}
         out["mats"] = {"merge_method": "mats", "base_model": str(base), "models": models(),
-                       "parameters": {"precision": "kfac", "init": "task_arithmetic", "lambda": 0.5, "tol": 1e-4,
+                       "parameters": {"precision": "kfac", "init": "task_arithmetic", "lambda": 0.5,
                                       "max_iters": 30}}
         out["gradient_matching"] = {"merge_method": "gradient_matching", "models": models(weight=1 / len(finetunes)),
                                     "base_model": {"model": str(base), "stats": str(stats[base])},

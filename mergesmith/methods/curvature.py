@@ -154,7 +154,7 @@ def _mats_needs(kwargs: dict[str, Any]) -> tuple[str, ...]:
           help="where conjugate gradient starts"),
     Param("lambda", float, 1.0, arg="scale", help="task-arithmetic scale λ of the starting point"),
     Param("max_iters", int, 100, interval=(0, 1e9), help="conjugate-gradient iterations at most"),
-    Param("tol", float, 1e-6, interval=(0.0, 1.0), help="relative residual to stop at"),
+    Param("tol", float, 1e-4, interval=(0.0, 1.0), help="relative residual to stop at"),
     Param("preconditioner", bool, True, help="precondition CG with the mean factors' Kronecker product"),
     Param("damping", float, 1e-3, interval=(0.0, float("inf")),
           help="K-FAC damping δ: each factor F gets δ·mean(diag F) added to its diagonal"),
