@@ -23,6 +23,7 @@ import torch
 from mergesmith.config import Recipe, resolve
 from mergesmith.errors import MergeError
 from mergesmith.io.checkpoint import TensorSource
+from mergesmith.io.sidecar import weights_fingerprint
 from mergesmith.methods import MergeMethod, get_method
 from mergesmith.statistics import Sidecar, StatsSource, TensorStats, plan_tensor_stats
 
@@ -186,6 +187,13 @@ class _Planner:
             _check_sidecars(self.sidecars.values())
         return self.sidecars[src.stats]
 
+    def _check_fingerprint(self, model: str, key: str, sidecar: Sidecar) -> None:
+        """A sidecar measured on other weights of the same architecture (another fine-tune's statistics, a
+        swapped path) would merge without any shape error, and wrongly: compare the weights it records."""
+        if weights_fingerprint(self.source(model).get(key)) != sidecar.fingerprints[key]:
+            raise MergeError(f"{sidecar.where()} was measured on other weights: '{key}' differs from model "
+                             f"'{model}''s; give each model the sidecar measured on it")
+
     def tensor_stats(self, name: str, shape: tuple[int, ...], kwargs: dict[str, Any], base_src: _Source | None,
                      others: list[_Source], key_of: Callable[[_Source], str]) -> TensorStats | None:
         kinds = self.method.statistics(kwargs)
@@ -195,6 +203,9 @@ class _Planner:
         inputs = [(s.model, key_of(s), self.sidecar(s)) for s in ordered]
         stats = plan_tensor_stats(name, shape, kinds, inputs, 0 if base_src else None,
                                   lambda model, key: key in self.source(model).keys())
+        for (model, key, sidecar), refs in zip(inputs, stats.refs):
+            if refs and key in sidecar.fingerprints:
+                self._check_fingerprint(model, key, sidecar)
         covered = any(stats.refs[i] for i in range(1 if base_src else 0, len(stats.refs)))
         (self.with_stats if covered or not kinds else self.fallback).append(name)
         return stats

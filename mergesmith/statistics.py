@@ -61,6 +61,7 @@ class Sidecar:
         self.keys = set(source.keys())
         self.kinds = {key.split("/", 1)[0] for key in self.keys}
         self.transposed = set(json.loads(source.metadata.get("transposed", "[]")))
+        self.fingerprints: dict[str, str] = json.loads(source.metadata.get("fingerprints", "{}"))
         self._norms: dict[str, float] = {}
 
     def where(self) -> str:

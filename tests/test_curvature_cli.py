@@ -293,3 +293,18 @@ def test_conv1d_weights_are_merged_in_their_stored_layout(gpt2, tmp_path):
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     # float32 statistics and outputs through a solve: compare in norm, not entry by entry
     return float(torch.linalg.norm(got.double() - expected) / torch.linalg.norm(expected))
+
+
+def test_swapped_sidecars_of_the_same_architecture_are_refused(measured, tmp_path, run_cli, write_recipe):
+    """Same shapes, same architecture identity, other weights: only the recorded weight fingerprints can
+    tell that ft1's statistics were given to ft2 — a merge would otherwise be silently wrong."""
+    recipe = {"merge_method": "fisher", "models": [
+        {"model": str(measured["ft1"]), "stats": str(measured["stats-ft2"])},
+        {"model": str(measured["ft2"]), "stats": str(measured["stats-ft1"])}]}
+    result = run_cli("merge", write_recipe(recipe), tmp_path / "out")
+    assert result.code == 2
+    assert "measured on other weights" in result.error_line and str(measured["stats-ft2"]) in result.error_line
+    assert not (tmp_path / "out").exists()
+    combined = run_cli("stats", "combine", measured["stats-ft1"], measured["stats-ft2"], "-o", tmp_path / "both")
+    assert combined.code == 2 and "different weights" in combined.error_line
+    assert not (tmp_path / "both").exists()

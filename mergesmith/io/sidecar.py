@@ -36,6 +36,17 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 KINDS = ("fisher", "gram", "kfac_a", "kfac_g")
 
 
+def weights_fingerprint(tensor: torch.Tensor) -> str:
+    """A short fingerprint of a tensor's values: its first and last 8 entries as float32. Cheap on a
+    memory-mapped checkpoint (two pages), the same for a bfloat16 tensor and its float32 copy, and
+    different for another fine-tune of the same model."""
+    import hashlib
+
+    flat = tensor.detach().reshape(-1)
+    ends = torch.cat([flat[:8], flat[-8:]]).to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(ends.numpy().tobytes()).hexdigest()[:12]
+
+
 def model_identity(named_shapes: dict[str, tuple[int, ...]]) -> str:
     """A short identity of a model's architecture: a hash of its parameter names and shapes."""
     import hashlib
@@ -61,6 +72,7 @@ def check_writable(directory: str | Path) -> None:
 
 def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: dict[str, int], *,
                model: str, fisher_variant: str | None = None, transposed: list[str] | None = None,
+               fingerprints: dict[str, str] | None = None,
                max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a sidecar; ``counts`` maps each tensor key to the number of examples (or rows) in its mean.
 
@@ -79,6 +91,8 @@ def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: 
         metadata["fisher_variant"] = fisher_variant
     if transposed:  # modules whose weight is stored (in, out), GPT-2's Conv1D: a reader must know the layout
         metadata["transposed"] = json.dumps(sorted(transposed))
+    if fingerprints:  # which weights were measured: a merge checks them against the checkpoint it reads
+        metadata["fingerprints"] = json.dumps(fingerprints, sort_keys=True)
     prepared = {key: tensors[key].detach().to("cpu", torch.float32).contiguous() for key in sorted(tensors)}
     shards = shard_layout([OutputTensor(key, tuple(t.shape), torch.float32) for key, t in prepared.items()], limit)
     names = [FILENAME] if len(shards) == 1 else [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
@@ -278,6 +292,9 @@ def combine_stats(sources: list[str | Path], output: str | Path, *,
         if other.model != first.model:
             raise MergeError(f"{other.path} was measured on another model ({other.model}) than "
                              f"{first.path} ({first.model}); statistics of different models do not combine")
+        if other.metadata.get("fingerprints", "{}") != first.metadata.get("fingerprints", "{}"):
+            raise MergeError(f"{other.path} and {first.path} were measured on different weights (their fingerprints "
+                             f"differ); statistics of different models do not combine")
         if other.fisher_variant != first.fisher_variant:
             raise MergeError(f"{other.path} holds the '{other.fisher_variant}' Fisher and {first.path} the "
                              f"'{first.fisher_variant}' one; they do not combine")
@@ -291,4 +308,5 @@ def combine_stats(sources: list[str | Path], output: str | Path, *,
         tensors[key], counts[key] = mean.float(), total
     return save_stats(output, tensors, counts, model=first.model, fisher_variant=first.fisher_variant,
                       transposed=json.loads(first.metadata.get("transposed", "[]")),
+                      fingerprints=json.loads(first.metadata.get("fingerprints", "{}")),
                       max_shard_size=limit)

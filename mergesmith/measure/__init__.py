@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mergesmith.errors import MergeError
-from mergesmith.io.sidecar import model_identity, save_stats
+from mergesmith.io.sidecar import model_identity, save_stats, weights_fingerprint
 from mergesmith.measure.fisher import PerExampleSquares
 
 LogLikelihood = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
@@ -43,11 +43,12 @@ class Statistics:
     model: str = ""
     fisher_variant: str | None = None
     transposed: list[str] = field(default_factory=list)  # modules whose weight is (in, out): GPT-2's Conv1D
+    fingerprints: dict[str, str] = field(default_factory=dict)  # parameter -> weights_fingerprint
 
     def save(self, directory: str | Path, max_shard_size: str | int = "5GB") -> Path:
         return save_stats(directory, self.tensors, self.counts, model=self.model,
                           fisher_variant=self.fisher_variant, transposed=self.transposed,
-                          max_shard_size=max_shard_size)
+                          fingerprints=self.fingerprints, max_shard_size=max_shard_size)
 
 
 class _Sums:
@@ -228,8 +229,9 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
     tensors, counts = sums.means()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     transposed = [name for name, module in layers.items() if type(module).__name__ == "Conv1D"]
+    fingerprints = {name: weights_fingerprint(p) for name, p in model.named_parameters()}
     return Statistics(tensors, counts, model_identity(shapes), fisher_variant if "fisher" in kinds else None,
-                      transposed)
+                      transposed, fingerprints)
 
 
 def _all_reduce(sums: _Sums, seen: int) -> int:
