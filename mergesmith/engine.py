@@ -196,9 +196,9 @@ class _Planner:
 
     def tensor_stats(self, name: str, shape: tuple[int, ...], kwargs: dict[str, Any], base_src: _Source | None,
                      others: list[_Source], key_of: Callable[[_Source], str]) -> TensorStats | None:
-        kinds = self.method.statistics(kwargs)
         if self.method.needs is None:
             return None
+        kinds = self.method.statistics(kwargs)
         ordered = ([base_src] if base_src else []) + others
         inputs = [(s.model, key_of(s), self.sidecar(s)) for s in ordered]
         stats = plan_tensor_stats(name, shape, kinds, inputs, 0 if base_src else None,
@@ -324,7 +324,7 @@ def _head_jobs(recipe: Recipe, source: Callable[[str], TensorSource], prefixes: 
     """Copies of the head tensors from the model the ``heads`` policy names (base, or one model). With
     ``each``, the main checkpoint gets the base's head when the base has one, and none otherwise."""
     if recipe.heads == "each":
-        owner = recipe.base_model if recipe.base_model is not None else None
+        owner = recipe.base_model
         if owner is None or not any(is_head(k, prefixes) for k in source(owner).keys()):
             return []
     else:
