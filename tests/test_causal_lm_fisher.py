@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_measure import padded_batch  # one padding helper for the measure tests
 
 from mergesmith.errors import MergeError
 from mergesmith.measure import measure
@@ -34,16 +35,6 @@ def peaked_llama():
     return model
 
 
-def padded(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for n, sequence in enumerate(sequences):
-        ids[n, :len(sequence)] = torch.tensor(sequence)
-        mask[n, :len(sequence)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def next_token_log_probs(model, sequence: list[int]) -> torch.Tensor:
     """log p(· | x_0..x_t) for t = 0..len-2, shape (len - 1, vocab), from one unpadded forward pass."""
     logits = model(input_ids=torch.tensor([sequence])).logits[0]
@@ -63,7 +54,7 @@ SEQUENCES = [[1, 4, 2, 5, 3], [2, 2], [5, 0, 1]]
 
 def test_sampled_fisher_is_the_mean_squared_gradient_over_the_drawn_labels(peaked_llama):
     samples, seed = 3, 11
-    batch = padded(SEQUENCES)
+    batch = padded_batch(SEQUENCES)
     drawn = causal_lm_fisher_labels(samples, seed=seed)(peaked_llama, batch)
     stats = measure(peaked_llama, [batch], log_likelihood=causal_lm_log_likelihood, kinds=["fisher"],
                     accumulate_dtype=F64, fisher_labels=causal_lm_fisher_labels(samples, seed=seed),
@@ -92,7 +83,7 @@ def test_draws_follow_the_model_s_next_token_distribution_at_each_position(peake
     """Frequencies of 20000 draws against p(· | x_≤t): within 5 binomial standard deviations everywhere,
     while the distributions at neighbouring positions differ by far more than that."""
     draws = 20000
-    batch = padded(SEQUENCES)
+    batch = padded_batch(SEQUENCES)
     labelled = causal_lm_fisher_labels(draws, seed=0)(peaked_llama, batch)
     labels = torch.stack([b["labels"] for _, b in labelled])  # (draws, batch, tokens)
     for n, sequence in enumerate(SEQUENCES):
@@ -128,7 +119,7 @@ def test_weighted_sampled_fisher_tends_to_the_exact_expectation(peaked_llama):
     uniform = squares.mean(0)
     assert torch.linalg.norm(uniform - exact) > 3 * rms
 
-    stats = measure(peaked_llama, [padded([sequence] * copies)], log_likelihood=causal_lm_log_likelihood,
+    stats = measure(peaked_llama, [padded_batch([sequence] * copies)], log_likelihood=causal_lm_log_likelihood,
                     kinds=["fisher"], accumulate_dtype=F64, fisher_labels=causal_lm_fisher_labels(samples, seed=1),
                     fisher_variant="sampled")
     sampled = torch.cat([stats.tensors[f"fisher/{name}"].flatten() for name, _ in peaked_llama.named_parameters()])
@@ -137,7 +128,7 @@ def test_weighted_sampled_fisher_tends_to_the_exact_expectation(peaked_llama):
 
 
 def test_same_seed_same_labels_other_seed_other_labels(peaked_llama):
-    batch = padded(SEQUENCES)
+    batch = padded_batch(SEQUENCES)
 
     def labels(seed: int, rows: slice = slice(None)) -> torch.Tensor:
         part = {k: v[rows] for k, v in batch.items()}
@@ -148,7 +139,7 @@ def test_same_seed_same_labels_other_seed_other_labels(peaked_llama):
     # one example per batch, unpadded, draws what the padded batch of all three drew
     whole, draw = labels(7), causal_lm_fisher_labels(4, seed=7)
     for n, sequence in enumerate(SEQUENCES):
-        alone = draw(peaked_llama, padded([sequence]))
+        alone = draw(peaked_llama, padded_batch([sequence]))
         assert torch.equal(torch.stack([b["labels"][0] for _, b in alone]), whole[:, n, :len(sequence)]), n
     with pytest.raises(MergeError, match=r"--samples 0: draw at least 1"):
         causal_lm_fisher_labels(0)
@@ -156,7 +147,7 @@ def test_same_seed_same_labels_other_seed_other_labels(peaked_llama):
 
 def test_log_likelihood_with_labels_is_aligned_with_the_logits(peaked_llama):
     """labels[:, t] is compared with logits[:, t]; without labels the targets are the next input tokens."""
-    batch = padded(SEQUENCES)
+    batch = padded_batch(SEQUENCES)
     with torch.no_grad():
         plain = causal_lm_log_likelihood(peaked_llama, batch)
         shifted = torch.full_like(batch["input_ids"], IGNORE)
