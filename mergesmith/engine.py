@@ -316,8 +316,10 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
         raise MergeError(f"no statistic in {sidecar.where()} matches a tensor of the checkpoints (it has e.g. "
                          f"'{min(sidecar.keys)}', the merge needs e.g. '{planner.fallback[0]}'); were the "
                          f"statistics measured on this architecture?")
-    return Plan(_pair_joint_biases(jobs), method, list(cache.values()), reference, layer_counts, kept,
-                planner.fallback)
+    jobs = _pair_joint_biases(jobs)
+    solved_jointly = {job.companion.name for job in jobs if job.companion is not None}
+    return Plan(jobs, method, list(cache.values()), reference, layer_counts, kept,
+                [name for name in planner.fallback if name not in solved_jointly])
 
 
 def _head_jobs(recipe: Recipe, source: Callable[[str], TensorSource], prefixes: tuple[str, ...]) -> list[Job]:

@@ -308,3 +308,25 @@ def test_swapped_sidecars_of_the_same_architecture_are_refused(measured, tmp_pat
     combined = run_cli("stats", "combine", measured["stats-ft1"], measured["stats-ft2"], "-o", tmp_path / "both")
     assert combined.code == 2 and "different weights" in combined.error_line
     assert not (tmp_path / "both").exists()
+
+
+def test_the_summary_counts_a_bias_solved_with_its_weight_as_merged_with_statistics(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from mergesmith import plan_merge
+    from mergesmith.measure.hf import seq_cls_log_likelihood
+
+    _classifier(tmp_path, "base", 2, 0)
+    entries = []
+    for name, seed in (("a", 1), ("b", 2)):
+        path = _classifier(tmp_path, name, 2, seed)
+        model = BertForSequenceClassification.from_pretrained(path)
+        ids = torch.randint(1, 30, (6, 5), generator=torch.Generator().manual_seed(seed))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * 3)}
+        measure(model, [batch], log_likelihood=seq_cls_log_likelihood, kinds=["kfac"]).save(tmp_path / f"s-{name}")
+        entries.append({"model": str(path), "stats": str(tmp_path / f"s-{name}")})
+    plan = plan_merge({"merge_method": "mats", "models": entries, "parameters": {"init": "average"}})
+    companions = {job.companion.name for job in plan.jobs if job.companion is not None}
+    assert "bert.encoder.layer.0.attention.self.query.bias" in companions
+    assert not set(plan.fallback) & companions
+    assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in plan.fallback  # no K-FAC for a norm
