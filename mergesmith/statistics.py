@@ -28,11 +28,13 @@ DERIVED = {"fisher_norm": "fisher", "fisher_count": "fisher"}  # computed from t
 class StatsSource(Protocol):
     """A sidecar as the engine reads it (``mergesmith.io.sidecar.StatsReader`` or ``MemoryStats``)."""
 
+    path: Any  # where the statistics come from, for messages
     counts: dict[str, int]
     model: str
     metadata: dict[str, Any]
 
     def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
     def get(self, key: str) -> torch.Tensor: ...
 
 
@@ -48,6 +50,9 @@ class MemoryStats:
 
     def keys(self) -> list[str]:
         return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key]
@@ -65,11 +70,10 @@ class Sidecar:
         self._norms: dict[str, float] = {}
 
     def where(self) -> str:
-        return f"model '{self.model}' (statistics {getattr(self.source, 'path', '?')})"
+        return f"model '{self.model}' (statistics {self.source.path})"
 
     def shape(self, key: str) -> tuple[int, ...]:
-        shape = getattr(self.source, "shape", None)
-        return tuple(shape(key)) if shape is not None else tuple(self.source.get(key).shape)
+        return tuple(self.source.shape(key))
 
     def norm(self, kind: str) -> float:
         """The L2 norm of every entry of a kind, over the whole model (read once, on first use)."""

@@ -58,8 +58,7 @@ def embedding_example_rows(ids: Tensor, g: Tensor, num_rows: int, padding_idx: i
     return unique // num_rows, unique % num_rows, summed
 
 
-def module_example_gradients(module: nn.Module, names: list[str], x: Tensor, g: Tensor,
-                             chunk_size: int | None) -> dict[str, Tensor]:
+def module_example_gradients(module: nn.Module, names: list[str], x: Tensor, g: Tensor) -> dict[str, Tensor]:
     """Per-example gradients of any module's own parameters: the vector-Jacobian product of one example's
     output gradient through the module, vmapped over examples."""
     from torch.func import functional_call, grad, vmap
@@ -68,7 +67,7 @@ def module_example_gradients(module: nn.Module, names: list[str], x: Tensor, g: 
         return (functional_call(module, params, (x_n.unsqueeze(0),)) * g_n.unsqueeze(0)).sum()
 
     params = {name: getattr(module, name).detach() for name in names}
-    return vmap(grad(contribution), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x.detach(), g.detach())
+    return vmap(grad(contribution), in_dims=(None, 0, 0))(params, x.detach(), g.detach())
 
 
 @dataclass
@@ -200,7 +199,7 @@ class _BatchState:
             if rule == "linear":
                 grads = linear_example_gradients(module, xs, gs)
             else:
-                grads = module_example_gradients(module, [local for _, local in names], xs, gs, None)
+                grads = module_example_gradients(module, [local for _, local in names], xs, gs)
             for name, local in names:
                 self._receive(name, dense=grads[local], start=start, n=n, last=start + step >= n)
 

@@ -46,9 +46,10 @@ def statistic(stats: Stats, kind: str, name: str) -> list[Tensor] | None:
 def fisher_problem(fisher: Tensor) -> str | None:
     """What is wrong with a diagonal Fisher, if anything: it must be finite and non-negative (a mean of
     squares); dividing by anything else would silently give a wrong model."""
-    if not bool(torch.isfinite(fisher).all()):
+    # one pass, as the engine's check of every output: NaN reaches both ends, an infinity one of them
+    low, high = torch.aminmax(fisher) if fisher.numel() else (fisher.new_zeros(()), fisher.new_zeros(()))
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         return "has NaN or infinite entries"
-    low = fisher.min() if fisher.numel() else fisher.new_zeros(())
     if bool(low < 0):
         return f"has negative entries (min {float(low):.3g}), but a Fisher is a mean of squares"
     return None
