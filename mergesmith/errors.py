@@ -1,4 +1,11 @@
-"""One exception type for every problem a user can fix, and the helpers that word its message."""
+"""The exceptions a user can fix, and the helpers that word their messages.
+
+Every problem with the user's input is a ``MergeError`` (the CLI prints it as one line and exits 2); the
+subclasses say which input is at fault, so that a caller can tell a bad recipe from a broken checkpoint.
+Anything else that escapes is a bug in mergesmith (the CLI exits 1). Never turn a ``ValueError`` or
+``RuntimeError`` from library code into a ``MergeError`` wholesale: that would hide our own bugs as the
+user's mistakes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,31 @@ from collections.abc import Iterable
 
 
 class MergeError(Exception):
-    """A problem with the user's input: the CLI prints it as one line and exits non-zero."""
+    """A problem with the user's input: the CLI prints it as one line and exits 2."""
+
+
+class RecipeError(MergeError):
+    """The recipe: YAML syntax, unknown keys or methods, parameter types, ranges and combinations."""
+
+
+class CheckpointError(MergeError):
+    """A model's files: missing, not safetensors, truncated, a header that lies, an index leaving the directory."""
+
+
+class StatisticsError(MergeError):
+    """A statistics sidecar: missing, of another model, of the wrong kind, or holding impossible values."""
+
+
+class DataError(MergeError):
+    """``measure``'s data: unreadable, empty, missing fields, labels outside the model's classes."""
+
+
+class OutputError(MergeError):
+    """The output path: exists, unwritable, the disk is full, or it is not ours to replace."""
+
+
+class UsageError(MergeError):
+    """A command-line option: misspelt, missing, or out of range."""
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
@@ -17,3 +48,8 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     if close:
         return f" (did you mean '{close[0]}'?)"
     return f" (valid: {', '.join(valid)})" if valid else ""
+
+
+class MergeWarning(UserWarning):
+    """Something the user should know that does not stop the run (a singular Gram sum, a skipped factor);
+    the CLI prints each as one ``warning:`` line."""
