@@ -9,14 +9,16 @@ from typing import Any
 
 import torch
 
+from mergesmith.architecture import split_layer_name
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.engine import Job, MergeSummary, Plan, build_plan, execute, split_layer_name
 from mergesmith.errors import MergeError
+from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
 from mergesmith.io.sidecar import StatsReader
 from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
 from mergesmith.measure import Statistics
+from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.statistics import MemoryStats
 
 

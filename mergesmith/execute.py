@@ -1,0 +1,164 @@
+"""Stream a plan's jobs with bounded memory.
+
+Reading (a prefetch thread), computing (this thread, float32 on the chosen device) and writing (the
+writer's thread) overlap. At most ``prefetch`` jobs' inputs are in memory at once, plus the output shard
+being filled and the one being written: peak memory is O(models × largest tensor + one shard).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.plan import Job, Plan, seed_for
+
+
+@dataclass
+class MergeSummary:
+    method: str
+    models: list[str]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    output: str = ""
+    files: list[str] = field(default_factory=list)
+    solver: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block: CG iterations and residuals
+    fallback: list[str] = field(default_factory=list)  # tensors merged by the fallback, without statistics
+
+
+def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
+            seed: int, stats: list[dict[str, Any]] | None = None, report: dict[str, Any] | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Compute a job's output tensors from its loaded inputs (base first, when the job has one, then the
+    companion's inputs) and statistics."""
+    if not tensors[0].is_floating_point():
+        # integer buffers (position ids, masks) are not averaged: they come from the base or first model
+        return {job.name: tensors[0]}
+    upcast = job.method.upcast_inputs
+    work = [t.to(device=device, dtype=compute_dtype if upcast or i == 0 else None, non_blocking=True)
+            for i, t in enumerate(tensors)]
+    blocks = _as_blocks(job, work)
+    base, others = (blocks[0], blocks[1:]) if job.base is not None else (None, blocks)
+    kwargs = dict(job.kwargs)
+    if job.method.random:
+        kwargs["generator"] = torch.Generator().manual_seed(seed_for(seed, job.name))
+    if job.method.needs is not None:
+        per_input = [{k: v.to(device=device, dtype=compute_dtype) if isinstance(v, torch.Tensor) else v
+                      for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
+        kwargs.update(stats=per_input[1:] if job.base is not None else per_input,
+                      base_stats=per_input[0] if job.base is not None else {}, name=job.name)
+        if _reports(job.method.function):
+            kwargs["report"] = report if report is not None else {}
+    try:
+        result = job.method.function(base, others, **kwargs)
+    except ValueError as e:  # the solver's message on a broken system (NaN, not positive semi-definite)
+        raise MergeError(f"merging '{job.name}': {e}") from None
+    low, high = torch.aminmax(result) if result.numel() else (result.new_zeros(()), result.new_zeros(()))
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):  # one pass; NaN propagates to both
+        raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
+                         f"parameters for this tensor")
+    return {out.name: tensor.to(dtype=out.out_dtype).to("cpu")
+            for out, tensor in zip(job.outputs, _from_block(job, result))}
+
+
+@functools.cache
+def _reports(function: Callable[..., Any]) -> bool:
+    return "report" in inspect.signature(function).parameters
+
+
+def _as_blocks(job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The blocks a method merges: a weight as (out, in), with its companion bias as a last column."""
+    transposed = job.stats is not None and job.stats.transposed
+    own = len(job.own_reads)
+    weights = [t.T if transposed else t for t in tensors[:own]]
+    if job.companion is None:
+        return weights
+    return [torch.cat([w, b[:, None]], dim=1) for w, b in zip(weights, tensors[own:])]
+
+
+def _from_block(job: Job, block: torch.Tensor) -> list[torch.Tensor]:
+    transposed = job.stats is not None and job.stats.transposed
+    tensors = [block[:, :-1], block[:, -1]] if job.companion is not None else [block]
+    if transposed:
+        tensors[0] = tensors[0].T
+    return [t.contiguous() for t in tensors]
+
+
+def _prefetch(plan: Plan, depth: int, stop: threading.Event
+              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None]]:
+    """Yield each job with its loaded inputs and statistics, reading ahead on a thread by at most ``depth``
+    jobs."""
+    loaded: queue.Queue = queue.Queue(maxsize=depth)
+
+    def read() -> None:
+        try:
+            for job in plan.jobs:
+                if stop.is_set():
+                    return
+                stats = job.stats.load() if job.stats is not None else None
+                loaded.put((job, [r.source.get(r.key) for r in job.reads], stats))
+            loaded.put(None)
+        except BaseException as e:  # re-raised on the consuming thread
+            loaded.put(e)
+
+    reader = threading.Thread(target=read, name="mergesmith-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := loaded.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                loaded.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: str | torch.device = "cpu",
+            compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 1,
+            on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
+    """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda was requested but no CUDA device is available")
+    start = time.perf_counter()
+    bytes_read = bytes_written = 0
+    reports: dict[str, dict[str, Any]] = {}
+    for job, tensors, stats in _prefetch(plan, prefetch, threading.Event()):
+        bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+        report: dict[str, Any] = {}
+        results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
+                          report=report)
+        if report:
+            reports[job.name] = report
+        for name, result in results.items():
+            bytes_written += result.numel() * result.element_size()
+            sink(name, result)
+        if on_tensor is not None:
+            on_tensor(job)
+    return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
+                        bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
+                        fallback=list(plan.fallback))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
