@@ -7,8 +7,6 @@ being filled and the one being written: peak memory is O(models × largest tenso
 
 from __future__ import annotations
 
-import functools
-import inspect
 import queue
 import threading
 import time
@@ -58,7 +56,7 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
                       for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
         kwargs.update(stats=per_input[1:] if job.base is not None else per_input,
                       base_stats=per_input[0] if job.base is not None else {}, name=job.name)
-        if _reports(job.method.function):
+        if job.method.reports:
             kwargs["report"] = report if report is not None else {}
     try:
         result = job.method.function(base, others, **kwargs)
@@ -70,11 +68,6 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
                          f"parameters for this tensor")
     return {out.name: tensor.to(dtype=out.out_dtype).to("cpu")
             for out, tensor in zip(job.outputs, _from_block(job, result))}
-
-
-@functools.cache
-def _reports(function: Callable[..., Any]) -> bool:
-    return "report" in inspect.signature(function).parameters
 
 
 def _as_blocks(job: Job, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from mergesmith.architecture import EMBEDDING_HINTS, HEAD_PREFIXES, is_head, split_layer_name
 from mergesmith.config import Recipe, resolve
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, RecipeError
 from mergesmith.io.checkpoint import TensorSource
 from mergesmith.io.sidecar import weights_fingerprint
 from mergesmith.methods import MergeMethod, get_method
@@ -210,6 +210,7 @@ class _Planner:
                     values.setdefault(key, value)
         shared_only = {k: v for k, v in shared.items() if not self._is_per_model(k)}
         kwargs = self.method.bind(shared_only, per_model, where)
+        self.method.check(kwargs, base_src is not None, len(others), f"recipe (at tensor '{name}')")
         first = (base or inputs[0])
         stored = first.source.dtype(first.key)
         out_dtype = self.recipe.output_dtype if stored.is_floating_point and self.recipe.output_dtype else stored
@@ -238,8 +239,13 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
     uses_base = method.base != "ignored"
     if method.base == "required" and recipe.base_model is None and all(
             s.base_model is None for s in recipe.slices or []):
-        raise MergeError(f"method '{method.name}' needs a base_model in the recipe")
+        raise RecipeError(f"recipe: method '{method.name}' needs a base_model")
+    check_recipe_values(recipe, method)
     slices = _normalised_slices(recipe, uses_base)
+    for index, out_slice in enumerate(slices):
+        has_base = uses_base and any(s.model == out_slice.base_model for s in out_slice.sources)
+        where = "recipe" if recipe.models is not None else f"recipe: slices[{index}]"
+        method.check_inputs(has_base, len(out_slice.sources) - has_base, where)
     first_slice = slices[0]
     reference_model = first_slice.base_model if uses_base and first_slice.base_model else first_slice.sources[0].model
     reference = source(reference_model)
@@ -300,6 +306,28 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
     solved_jointly = {job.companion.name for job in jobs if job.companion is not None}
     return Plan(jobs, method, list(cache.values()), reference, layer_counts, kept,
                 [name for name in planner.fallback if name not in solved_jointly])
+
+
+def check_recipe_values(recipe: Recipe, method: MergeMethod) -> None:
+    """Every parameter value the recipe writes (a scalar, each entry of a gradient, each condition's value)
+    checked against the method's declaration and named by its place in the recipe, before any file is
+    opened. Interpolated gradient values lie between checked entries, so they need no second look."""
+    for where, params in recipe.parameter_scopes():
+        per_model = where.startswith("models[") or ".sources[" in where
+        method.check_keys(params, f"recipe: {where}parameters", per_model=per_model)
+        for name, setting in params.items():
+            declared = method.param(name)
+            for value in _leaf_values(setting):
+                declared.validate(value, f"recipe: {where}parameters.{name}")
+
+
+def _leaf_values(setting: Any) -> list[Any]:
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return [setting]
+    return [leaf for entry in setting
+            for leaf in (_leaf_values(entry["value"]) if isinstance(entry, dict) else [entry])]
 
 
 def _head_jobs(recipe: Recipe, source: Callable[[str], TensorSource], prefixes: tuple[str, ...]) -> list[Job]:

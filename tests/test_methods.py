@@ -590,12 +590,30 @@ def test_zero_task_vectors_give_the_base(method, params, shape):
     assert_close(got, base)
 
 
+# methods whose ``normalize`` divides by the total Σ w_i; the TIES-style ones divide each entry by the summed
+# weights of the models that agree with its sign, which is zero only where nothing is kept
+TOTAL_NORMALIZING = ["task_arithmetic", "dare_linear", "breadcrumbs"]
+
+
 @pytest.mark.parametrize("method", TASK_VECTOR_METHODS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_zero_weights_give_the_base(method, normalize):
     base, tensors = make_models((4, 6), 3)
+    if normalize and method in TOTAL_NORMALIZING:  # 0/0: refused, where it once fell back to dividing by 1
+        with pytest.raises(MergeError, match="weights sum to zero"):
+            merge(method, base, tensors, weight=0.0, normalize=normalize)
+        return
     got = merge(method, base, tensors, weight=0.0, normalize=normalize)
     assert_close(got, base)
+
+
+@pytest.mark.parametrize("method", ["linear", *TOTAL_NORMALIZING, "fisher", "regmean", "mats", "gradient_matching"])
+def test_weights_summing_to_zero_are_refused_before_any_tensor(method):
+    """(1, −1) with a division by Σ w_i: refused by the method's validate hook, not by the arithmetic."""
+    base, tensors = make_models((4, 6), 2)
+    params = {"normalize": True} if method in TOTAL_NORMALIZING else {}
+    with pytest.raises(MergeError, match=r"weights sum to zero \(1, -1\)"):
+        merge(method, base, tensors, model_parameters=[{"weight": 1.0}, {"weight": -1.0}], **params)
 
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)
@@ -724,6 +742,8 @@ def test_no_nan_for_zero_task_vectors(method, shape, density, gamma, weight, nor
     }.get(method, {"weight": weight, "normalize": normalize, "density": density})
     if method.startswith("breadcrumbs"):
         params["gamma"] = gamma
+    if weight == 0 and normalize and method in TOTAL_NORMALIZING:
+        return  # refused as 0/0: test_zero_weights_give_the_base
     got = merge(method, base, [base.clone(), base.clone()], **params)
     assert_close(got, base)
 

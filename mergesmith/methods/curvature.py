@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mergesmith.errors import MergeError
-from mergesmith.methods.registry import Param, register
+from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
 
 WEIGHT = Param("weight", float, 1.0, per_model=True, help="model weight λ_i")
@@ -26,7 +26,7 @@ Stats = Sequence[dict[str, Any]]
 def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Σ_i λ_i θ_i / Σ_i λ_i."""
     total = sum(weights)
-    if abs(total) < 1e-12:
+    if weights_sum_to_zero(weights):
         raise MergeError("the model weights sum to zero; a weighted average is undefined")
     return sum(w * t for w, t in zip(weights, tensors)) / total
 
@@ -66,7 +66,8 @@ def _needs_fisher(kwargs: dict[str, Any]) -> tuple[str, ...]:
     return ("fisher", "fisher_norm") if kwargs["fisher_normalize"] == "global" else ("fisher",)
 
 
-@register("fisher", base="ignored", needs=_needs_fisher, reference="arXiv:2111.09832", params=[
+@register("fisher", base="ignored", needs=_needs_fisher, validate=nonzero_weight_sum,
+          reference="arXiv:2111.09832", params=[
     WEIGHT,
     Param("fisher_floor", float, 1e-6, interval=(0.0, float("inf")), help="lower bound on every Fisher entry"),
     Param("floor_first_only", bool, False, help="floor only the first model's Fisher (favor_target_model)"),
@@ -127,7 +128,15 @@ def gram_solve(tensors: Sequence[Tensor], grams: Sequence[Tensor], weight: Seque
     return average + solve_gram(gram_sum, rhs, name=name).T
 
 
-@register("regmean", base="optional", needs=lambda kwargs: ("gram",), reference="arXiv:2212.09849", params=[
+def _validate_regmean(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str | None:
+    if kwargs["fallback"] == "base" and not has_base:
+        return "regmean's fallback: base takes tensors without a Gram matrix from the base; add a base_model or " \
+               "set fallback: linear"
+    return nonzero_weight_sum(kwargs, has_base, n_models)
+
+
+@register("regmean", base="optional", needs=lambda kwargs: ("gram",), validate=_validate_regmean,
+          reference="arXiv:2212.09849", params=[
     WEIGHT,
     Param("alpha", float, 1.0, interval=(0.0, 1.0), help="scale of the Gram matrices' off-diagonal entries"),
     Param("fallback", str, "linear", choices=("linear", "base"),
@@ -148,7 +157,16 @@ def _mats_needs(kwargs: dict[str, Any]) -> tuple[str, ...]:
     return {"identity": (), "fisher": ("fisher",), "gram": ("gram",), "kfac": ("kfac_a", "kfac_g")}[kwargs["precision"]]
 
 
-@register("mats", base="optional", needs=_mats_needs, reference="arXiv:2312.04339", params=[
+def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str | None:
+    # only the iterative solves (fisher, kfac) start from ``init``; identity and gram ignore it
+    if kwargs["precision"] in ("fisher", "kfac") and kwargs["init"] != "average" and not has_base:
+        return (f"mats starts conjugate gradient from init '{kwargs['init']}', which needs a base_model; add one "
+                f"or set init: average")
+    return nonzero_weight_sum(kwargs, has_base, n_models)
+
+
+@register("mats", base="optional", needs=_mats_needs, validate=_validate_mats, reports=True,
+          reference="arXiv:2312.04339", params=[
     WEIGHT,
     Param("precision", str, "kfac", choices=("identity", "fisher", "gram", "kfac"), help="the precision C_i"),
     Param("init", str, "task_arithmetic", choices=("task_arithmetic", "average", "base"),
@@ -216,7 +234,7 @@ def _mats_start(base: Tensor | None, tensors: Sequence[Tensor], average: Tensor,
     return base + scale * sum(t - base for t in tensors)
 
 
-@register("gradient_matching", base="required", reference="arXiv:2310.12808",
+@register("gradient_matching", base="required", validate=nonzero_weight_sum, reference="arXiv:2310.12808",
           needs=lambda kwargs: ("fisher", "fisher_count"), params=[
     WEIGHT,
     Param("data_size", float, 0.0, per_model=True, interval=(0.0, float("inf")),

@@ -10,9 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.errors import MergeError, RecipeError, did_you_mean
 
 REQUIRED: Any = object()
+# |Σ w_i| below this is a zero sum: a weighted average over it is undefined (one threshold for every method)
+ZERO_SUM = 1e-12
+# a method's check of a combination of bound parameters and inputs: (kwargs, has_base, n_models) → the
+# problem in words, or None; run at plan time, before any tensor is read
+Validator = Callable[[dict[str, Any], bool, int], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,14 @@ class MergeMethod:
     # statistics a curvature method uses, given its bound parameters: kinds of the sidecar (fisher, gram,
     # kfac_a, kfac_g) plus fisher_norm and fisher_count, supplied by the engine per tensor and model
     needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    validate: Validator | None = None
+    reports: bool = False  # the function takes ``report``, a dict it fills with solver diagnostics
+
+    def check(self, kwargs: dict[str, Any], has_base: bool, n_models: int, where: str) -> None:
+        """The method's own check of a combination of parameters and inputs (see ``Validator``)."""
+        problem = self.validate(kwargs, has_base, n_models) if self.validate is not None else None
+        if problem is not None:
+            raise RecipeError(f"{where}: {problem}")
 
     def statistics(self, kwargs: dict[str, Any]) -> tuple[str, ...]:
         return self.needs(kwargs) if self.needs is not None else ()
@@ -154,7 +167,8 @@ _METHODS: dict[str, MergeMethod] = {}
 def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: BasePolicy = "required",
              min_models: int = 1, max_models: int | None = None, random: bool = False,
              upcast_inputs: bool = True, reference: str = "",
-             needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+             needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+             validate: Validator | None = None, reports: bool = False
              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
@@ -169,7 +183,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         # the docstring's first paragraph, on one line (it states the formula)
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
-                                     upcast_inputs, reference, summary, needs)
+                                     upcast_inputs, reference, summary, needs, validate, reports)
         return function
 
     return decorate
@@ -204,6 +218,7 @@ def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameter
         raise MergeError(f"merge_tensors('{method}'): {len(model_parameters)} model_parameters for "
                          f"{len(tensors)} model tensors; give one dict per tensor")
     kwargs = spec.bind(parameters, model_parameters or [{} for _ in tensors], f"merge_tensors('{method}')")
+    spec.check(kwargs, base is not None, len(tensors), f"merge_tensors('{method}')")
     if spec.random:
         if generator is None:
             raise MergeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
@@ -215,4 +230,19 @@ def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameter
         kwargs["stats"] = [dict(s) for s in stats] if stats is not None else [{} for _ in tensors]
         kwargs["base_stats"] = dict(base_stats or {})
         kwargs["name"] = "merge_tensors"
+        if spec.reports:
+            kwargs["report"] = {}
     return spec.function(base if spec.base != "ignored" else None, list(tensors), **kwargs)
+
+
+def weights_sum_to_zero(weights: Any) -> bool:
+    return abs(sum(weights)) < ZERO_SUM
+
+
+def nonzero_weight_sum(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str | None:
+    """A Validator for methods that divide by Σ w_i (a weighted average, or ``normalize: true``)."""
+    if kwargs.get("normalize", True) and weights_sum_to_zero(kwargs["weight"]):
+        weights = ", ".join(f"{w:g}" for w in kwargs["weight"])
+        return (f"the model weights sum to zero ({weights}), and a weighted average divides by their sum; "
+                f"change the weights" + (" or set normalize: false" if "normalize" in kwargs else ""))
+    return None

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mergesmith.errors import MergeError
-from mergesmith.methods.registry import Param, register
+from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.methods.sparsify import (
     BLOCK,
     bernoulli_mask,
@@ -52,13 +52,14 @@ def _rescale_mode(rescale: bool | str, default_when_true: str) -> str:
 
 
 @register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True)], upcast_inputs=False,
+          validate=nonzero_weight_sum,
           reference="arXiv:2203.05482")
 def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
     """Weighted average: Σ_i w_i θ_i / Σ_i w_i (without ``normalize``: Σ_i w_i θ_i). The base is not used."""
     divisor = 1.0
     if normalize:
         divisor = sum(weight)
-        if abs(divisor) < 1e-12:
+        if weights_sum_to_zero(weight):
             raise MergeError("linear: the model weights sum to zero; set normalize: false or change the weights")
     coefficients = [w / divisor for w in weight]
     merged = torch.empty_like(tensors[0])
@@ -99,7 +100,10 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
         if scale != 1:
             combined.mul_(scale)
         return combined.add_(base)
-    divisor = sum(weights) if normalize and abs(sum(weights)) >= 1e-8 else 1.0
+    if normalize and weights_sum_to_zero(weights):
+        raise MergeError("the model weights sum to zero and normalize: true divides by their sum; change the "
+                         "weights or set normalize: false")
+    divisor = sum(weights) if normalize else 1.0
     coefficients = [scale * w / divisor for w in weights]
     if sparsify is not None:
         merged = base.clone()
@@ -122,8 +126,7 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
 
 
 @register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False), INT8_MASK],
-          upcast_inputs=False,
-          reference="arXiv:2212.04089")
+          upcast_inputs=False, validate=nonzero_weight_sum, reference="arXiv:2212.04089")
 def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], scale: float,
                     normalize: bool, int8_mask: bool) -> Tensor:
     """Task arithmetic: θ_0 + λ Σ_i w_i τ_i (divided by Σ_i w_i when ``normalize``)."""
@@ -166,7 +169,8 @@ DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False), _rescal
                INT8_MASK]
 
 
-@register("dare_linear", params=DARE_PARAMS, random=True, upcast_inputs=False, reference="arXiv:2311.03099")
+@register("dare_linear", params=DARE_PARAMS, random=True, upcast_inputs=False, validate=nonzero_weight_sum,
+          reference="arXiv:2311.03099")
 def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
                 generator: torch.Generator) -> Tensor:
@@ -199,7 +203,8 @@ def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> S
     return crumb
 
 
-@register("breadcrumbs", params=BREADCRUMB_PARAMS, upcast_inputs=False, reference="arXiv:2312.06795")
+@register("breadcrumbs", params=BREADCRUMB_PARAMS, upcast_inputs=False, validate=nonzero_weight_sum,
+          reference="arXiv:2312.06795")
 def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 gamma: Sequence[float], scale: float, normalize: bool, rescale: bool | str,
                 int8_mask: bool) -> Tensor:
