@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from mergesmith.errors import MergeError
-from mergesmith.plan import Job, Plan, seed_for
+from mergesmith.checks import all_finite
+from mergesmith.errors import CheckpointError, MergeError
+from mergesmith.plan import Job, Plan, TensorInput, seed_for
 
 
 @dataclass
@@ -36,8 +37,8 @@ class MergeSummary:
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
-            seed: int, stats: list[dict[str, Any]] | None = None, report: dict[str, Any] | None = None
-            ) -> dict[str, torch.Tensor]:
+            seed: int, stats: list[dict[str, Any]] | None = None, report: dict[str, Any] | None = None,
+            check_result: bool = True) -> dict[str, torch.Tensor]:
     """Compute a job's output tensors from its loaded inputs (base first, when the job has one, then the
     companion's inputs) and statistics."""
     if not tensors[0].is_floating_point():
@@ -62,8 +63,7 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
         result = job.method.function(base, others, **kwargs)
     except ValueError as e:  # the solver's message on a broken system (NaN, not positive semi-definite)
         raise MergeError(f"merging '{job.name}': {e}") from None
-    low, high = torch.aminmax(result) if result.numel() else (result.new_zeros(()), result.new_zeros(()))
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):  # one pass; NaN propagates to both
+    if check_result and not all_finite(result):
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")
     return {out.name: tensor.to(dtype=out.out_dtype).to("cpu")
@@ -88,10 +88,19 @@ def _from_block(job: Job, block: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-def _prefetch(plan: Plan, depth: int, stop: threading.Event
+def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool = True
               ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None]]:
     """Yield each job with its loaded inputs and statistics, reading ahead on a thread by at most ``depth``
-    jobs."""
+    jobs. With ``check_inputs``, a weight holding NaN or infinities is an error naming model and tensor
+    (checked here, on the reader's thread, where it overlaps the compute)."""
+
+    def load(read: TensorInput) -> torch.Tensor:
+        tensor = read.source.get(read.key)
+        if check_inputs and not all_finite(tensor):
+            raise CheckpointError(f"'{read.key}' in model '{read.source.name}' holds NaN or infinite values; "
+                                  f"the checkpoint is broken (pass --allow-nonfinite to merge it anyway)")
+        return tensor
+
     loaded: queue.Queue = queue.Queue(maxsize=depth)
 
     def read() -> None:
@@ -100,7 +109,7 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event
                 if stop.is_set():
                     return
                 stats = job.stats.load() if job.stats is not None else None
-                loaded.put((job, [r.source.get(r.key) for r in job.reads], stats))
+                loaded.put((job, [load(r) for r in job.reads], stats))
             loaded.put(None)
         except BaseException as e:  # re-raised on the consuming thread
             loaded.put(e)
@@ -123,19 +132,20 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event
 
 def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: str | torch.device = "cpu",
             compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 1,
-            on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
-    """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``."""
+            allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
+    """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``. NaN or infinite
+    values in an input or a result are an error unless ``allow_nonfinite``."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was requested but no CUDA device is available")
     start = time.perf_counter()
     bytes_read = bytes_written = 0
     reports: dict[str, dict[str, Any]] = {}
-    for job, tensors, stats in _prefetch(plan, prefetch, threading.Event()):
+    for job, tensors, stats in _prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite):
         bytes_read += sum(t.numel() * t.element_size() for t in tensors)
         report: dict[str, Any] = {}
         results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
-                          report=report)
+                          report=report, check_result=not allow_nonfinite)
         if report:
             reports[job.name] = report
         for name, result in results.items():

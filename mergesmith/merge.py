@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,77 +12,159 @@ import torch
 
 from mergesmith.architecture import split_layer_name
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, MergeWarning, RecipeError
 from mergesmith.execute import MergeSummary, execute
-from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
+from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
 from mergesmith.io.sidecar import StatsReader
 from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
 from mergesmith.measure import Statistics
+from mergesmith.methods.registry import REQUIRED
 from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.statistics import MemoryStats
 
 
-def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
+def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe, str]:
+    """The validated recipe, and how to name it in messages (its file, or "recipe")."""
     if isinstance(recipe, (str, Path)):
-        return load_recipe(recipe)
-    return parse_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe)
+        return load_recipe(recipe), str(recipe)
+    return parse_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe), ""
+
+
+def _plan(recipe: Recipe, label: str) -> Plan:
+    try:
+        return build_plan(recipe, lambda model: CheckpointReader(Path(model), name=model),
+                          lambda stats: StatsReader(Path(stats)))
+    except RecipeError as e:
+        if not label:
+            raise
+        raise RecipeError(f"{label}: {e}") from None  # the same error, told which file it is about
 
 
 def plan_merge(recipe: Recipe | Mapping[str, Any] | str | Path) -> Plan:
-    """Validate a recipe against its checkpoints (names, shapes, parameters) without merging."""
-    recipe = _as_recipe(recipe)
-    return build_plan(recipe, lambda model: CheckpointReader(Path(model), name=model),
-                      lambda stats: StatsReader(Path(stats)))
+    """Validate a recipe against its checkpoints (names, shapes, dtypes, parameters, statistics) from
+    headers and sidecar metadata alone, without reading a tensor or merging; ``plan.size()`` says what the
+    merge would read, write and hold in memory."""
+    return _plan(*_as_recipe(recipe))
+
+
+def input_paths(recipe: Recipe) -> list[Path]:
+    """Every path a recipe reads: models, statistics, the tokenizer source (an output must be none of them)."""
+    names = {m.model for m in recipe.models or []} | {m.stats for m in recipe.models or [] if m.stats}
+    for out_slice in recipe.slices or []:
+        names |= {src.model for src in out_slice.sources} | {src.stats for src in out_slice.sources if src.stats}
+    names |= {n for n in (recipe.base_model, recipe.base_stats, recipe.tokenizer_source) if n and n != "base"}
+    return [Path(name) for name in sorted(names)]
+
+
+def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *,
+                overwrite: bool = False) -> Plan:
+    """Every check ``merge`` makes before it reads a tensor — the output path, the recipe, the inputs'
+    headers and statistics, the config and tokenizer it would copy — and the plan (``--dry-run``)."""
+    return _checked(*_as_recipe(recipe), Path(output), overwrite)[0]
+
+
+def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool) -> tuple[Plan, Path | None, Path | None]:
+    check_output(output, overwrite, input_paths(recipe))  # before planning: fail fast
+    plan = _plan(recipe, label)
+    return (plan, *_companion_files(recipe, plan))
 
 
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *, device: str = "cpu",
           max_shard_size: str | int = "5GB", overwrite: bool = False, seed: int = 0,
-          on_tensor: Callable[[Job], None] | None = None, on_plan: Callable[[Plan], None] | None = None
+          allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None,
+          on_plan: Callable[[Plan], None] | None = None, on_notice: Callable[[str], None] | None = None
           ) -> MergeSummary:
     """Merge the checkpoints a recipe names into a Hugging Face directory at ``output``.
 
     ``recipe`` is a path to a YAML file, a dict, or a Recipe. Model paths are local (relative paths are
-    taken from the current directory, as in mergekit). The directory is assembled beside ``output`` and
-    renamed into place only once complete.
+    taken from the current directory, as in mergekit). Everything that can be checked from the recipe,
+    the headers and the sidecars' metadata is checked before the first tensor is read. The directory is
+    assembled beside ``output`` and renamed into place only once complete; ``overwrite`` replaces only an
+    output a previous merge wrote (docs/recipes.md, "Outputs"). ``on_notice`` hears what the run did on
+    the side (leftovers of a killed run removed).
     """
-    recipe = _as_recipe(recipe)
+    recipe, label = _as_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     output = Path(output)
-    check_output(output, overwrite)  # before planning: fail fast
-    plan = plan_merge(recipe)
+    inputs = input_paths(recipe)
+    plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite)
     if on_plan is not None:
         on_plan(plan)
-    with atomic_output_dir(output, overwrite) as directory:
+    with atomic_output_dir(output, overwrite, inputs=inputs, log=on_notice) as directory:
         outputs = [OutputTensor(out.name, out.shape, out.out_dtype) for job in plan.jobs for out in job.outputs]
         writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
         try:
-            summary = execute(plan, writer.add, device=device, seed=seed, on_tensor=on_tensor)
+            summary = execute(plan, writer.add, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+                              on_tensor=on_tensor)
             files = writer.close()
         except BaseException:
             writer.abort()
             raise
-        _write_sidecar_files(recipe, plan, directory)
+        write_config(config_dir, directory, layers=_layer_change(plan), dtype=_output_dtype(plan))
+        copy_tokenizer(tokenizer_dir, directory)
+        models = sorted({s.name for s in plan.sources} - {recipe.base_model})
+        write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name,
+                         base_model=recipe.base_model, models=models,
+                         reproduce=reproduction(recipe, plan, seed=seed, device=device,
+                                                allow_nonfinite=allow_nonfinite))
         files += _write_kept_heads(plan, directory)
     summary.output, summary.files = str(output), files
     return summary
 
 
-def _write_sidecar_files(recipe: Recipe, plan: Plan, directory: Path) -> None:
-    # config from the reference model, else from the first input that has one (a lone .safetensors has none)
+def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | None]:
+    """Where the output's config.json and tokenizer come from, decided (and any surprise said) at plan time:
+    the reference model's (the base, else the first model), else the first input that has one, with a
+    warning; ``tokenizer_source`` names a model whose tokenizer must exist."""
     directories = [getattr(source, "directory", None) for source in [plan.reference, *plan.sources]]
     with_config = [d for d in directories if d is not None and (d / "config.json").exists()]
-    reference_dir = with_config[0] if with_config else None
-    tokenizer_dir = reference_dir
-    if recipe.tokenizer_source not in (None, "base"):
+    config_dir = with_config[0] if with_config else None
+    reference_dir = directories[0]
+    if config_dir is not None and config_dir != reference_dir:
+        warnings.warn(MergeWarning(f"'{plan.reference.name}' has no config.json; the output takes "
+                                   f"{config_dir / 'config.json'}"), stacklevel=2)
+    elif config_dir is None and reference_dir is not None:
+        warnings.warn(MergeWarning(f"no model has a config.json; the output holds weights only (add a config.json "
+                                   f"to '{plan.reference.name}' to make it loadable by transformers)"), stacklevel=2)
+    if recipe.tokenizer_source is None:
+        tokenizer_dir = reference_dir
+    elif recipe.tokenizer_source == "base":
+        base = next((s for s in plan.sources if s.name == recipe.base_model), None)
+        tokenizer_dir = getattr(base, "directory", None)
+    else:
         tokenizer_dir = CheckpointReader(Path(recipe.tokenizer_source)).directory
-    stack_layers = _layer_change(plan)
-    out_dtype = next((job.out_dtype for job in plan.jobs if job.out_dtype.is_floating_point), None)
-    write_config(reference_dir, directory, layers=stack_layers, dtype=out_dtype)
-    copy_tokenizer(tokenizer_dir, directory)
-    models = sorted({s.name for s in plan.sources} - {recipe.base_model})
-    write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name,
-                     base_model=recipe.base_model, models=models)
+    has_tokenizer = tokenizer_dir is not None and any((tokenizer_dir / n).exists() for n in TOKENIZER_FILES)
+    if recipe.tokenizer_source is not None and not has_tokenizer:
+        where = "the base model" if recipe.tokenizer_source == "base" else f"'{recipe.tokenizer_source}'"
+        raise RecipeError(f"recipe: tokenizer_source: {recipe.tokenizer_source}, but {where} has no tokenizer files "
+                          f"({', '.join(TOKENIZER_FILES[:3])}, ...); name a model that has one, or remove the key")
+    if recipe.tokenizer_source is None and not has_tokenizer and reference_dir is not None:
+        warnings.warn(MergeWarning(f"'{plan.reference.name}' has no tokenizer files; the output has none (set "
+                                   f"tokenizer_source: MODEL to copy another model's)"), stacklevel=2)
+    return config_dir, tokenizer_dir
+
+
+def _output_dtype(plan: Plan) -> Any:
+    return next((job.out_dtype for job in plan.jobs if job.out_dtype.is_floating_point), None)
+
+
+def reproduction(recipe: Recipe, plan: Plan, *, seed: int, device: str, allow_nonfinite: bool) -> dict[str, Any]:
+    """What the model card records to redo this merge bit for bit: the command's options, the versions
+    that compute it, and the defaults of every method parameter the recipe leaves unset."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    written = {name for _, params in recipe.parameter_scopes() for name in params}
+    defaults = {p.name: p.default for p in plan.method.params if p.name not in written and p.default is not REQUIRED}
+    options = {"seed": seed, "device": device, **({"allow_nonfinite": True} if allow_nonfinite else {})}
+    return {"options": options, "defaults": defaults,
+            "versions": {p: installed(p) for p in ("mergesmith", "torch", "safetensors")}}
 
 
 def _write_kept_heads(plan: Plan, directory: Path) -> list[str]:
@@ -124,7 +207,7 @@ def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[s
     of ``statistics`` (each a dict keyed like a sidecar, ``fisher/<param>``, ``gram/<module>``, ..., or the
     ``Statistics`` that ``measure`` returns). For research and tests; ``compute_dtype=torch.float64``
     gives exact references."""
-    recipe = _as_recipe(recipe)
+    recipe, _ = _as_recipe(recipe)
     statistics = statistics or {}
 
     def open_stats(name: str) -> MemoryStats:

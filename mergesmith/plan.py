@@ -7,6 +7,7 @@ reads only headers and sidecar metadata. ``mergesmith.execute`` then streams the
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from mergesmith.architecture import EMBEDDING_HINTS, HEAD_PREFIXES, is_head, spl
 from mergesmith.config import Recipe, resolve
 from mergesmith.errors import MergeError, RecipeError
 from mergesmith.io.checkpoint import TensorSource
-from mergesmith.io.sidecar import weights_fingerprint
+from mergesmith.io.sidecar import KINDS, weights_fingerprint
 from mergesmith.methods import MergeMethod, get_method
 from mergesmith.statistics import Sidecar, StatsSource, TensorStats, plan_tensor_stats
 
@@ -64,6 +65,73 @@ class Plan:
     layer_counts: dict[str, int] = field(default_factory=dict)  # output layers per stack
     kept_heads: dict[str, list[str]] = field(default_factory=dict)  # heads: each — model -> its head tensors
     fallback: list[str] = field(default_factory=list)  # tensors without statistics (the method's fallback)
+
+    def size(self, prefetch: int = 1) -> PlanSize:
+        """What executing the plan reads, writes and holds in memory at most (see ``PlanSize``)."""
+        by_method: dict[str, int] = {}
+        for job in self.jobs:
+            for out in job.outputs:
+                by_method[out.method.name] = by_method.get(out.method.name, 0) + 1
+        return PlanSize(
+            tensors=sum(len(job.outputs) for job in self.jobs), by_method=by_method,
+            bytes_read=sum(_read_bytes(job) for job in self.jobs),
+            bytes_written=sum(_nbytes(out.shape, out.out_dtype) for job in self.jobs for out in job.outputs),
+            largest_read=max((_read_bytes(job) for job in self.jobs), default=0),
+            largest_work=max((_work_bytes(job) for job in self.jobs), default=0),
+            largest_output=max((_nbytes(out.shape, out.out_dtype) for job in self.jobs for out in job.outputs),
+                               default=0),
+            prefetch=prefetch)
+
+
+@dataclass(frozen=True)
+class PlanSize:
+    """Bytes a merge reads and writes, and the terms of its memory bound.
+
+    While job k is computed, the reader holds the inputs of at most ``prefetch`` + 1 later jobs (mapped
+    from the page cache and checked for NaN, so resident), and the writer at most 3 finished tensors
+    (two queued, one being written): peak ≈ start-up + (prefetch + 2) · largest job's input bytes + the
+    largest job's working copies + 3 · the largest output tensor."""
+
+    tensors: int
+    by_method: dict[str, int]
+    bytes_read: int
+    bytes_written: int
+    largest_read: int  # a job's input bytes as stored, statistics included
+    largest_work: int  # a job's float32 (solvers: float64) working copies
+    largest_output: int
+    prefetch: int
+
+    def peak_bound(self, start_up: int) -> int:
+        """The most resident memory the merge needs above ``start_up`` (the process before it begins)."""
+        return start_up + (self.prefetch + 2) * self.largest_read + self.largest_work + 3 * self.largest_output
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _read_bytes(job: Job) -> int:
+    weights = sum(_nbytes(r.source.shape(r.key), r.source.dtype(r.key)) for r in job.reads)
+    return weights + 4 * _stats_elements(job)
+
+
+def _stats_elements(job: Job) -> int:
+    """Elements of the statistics a job reads (float32 in a sidecar), its companion's included."""
+    total = 0
+    for each in job.outputs:
+        for refs in (each.stats.refs if each.stats is not None else []):
+            total += sum(math.prod(ref.sidecar.shape(ref.key)) for ref in refs.values() if ref.kind in KINDS)
+    return total
+
+
+def _work_bytes(job: Job) -> int:
+    """Working copies while computing: every input and a few temporaries of the output's size in float32;
+    with statistics, float64 solves (CG keeps residual, direction, product and iterate per model) and a
+    float64 copy of each statistic."""
+    elements = sum(math.prod(out.shape) for out in job.outputs)
+    if job.stats is None:
+        return 4 * elements * (len(job.own_reads) + 3)
+    return 8 * elements * (len(job.own_reads) + 6) + 8 * _stats_elements(job)
 
 
 

@@ -49,8 +49,11 @@ def copy_tokenizer(source_dir: Path | None, output: Path) -> list[str]:
 
 
 def write_model_card(output: Path, *, recipe_yaml: str, method: str, base_model: str | None,
-                     models: list[str], library_name: str | None = "transformers") -> None:
-    """README.md with Hugging Face front matter and the exact recipe."""
+                     models: list[str], library_name: str | None = "transformers",
+                     reproduce: dict | None = None) -> None:
+    """README.md with Hugging Face front matter, the exact recipe and, in ``reproduce``, what else the merge
+    depended on: the command's options (the seed of random methods), the defaults the recipe left unset,
+    and the versions that computed it."""
     front = {"base_model": sorted({m for m in [base_model, *models] if m}),
              "tags": ["merge", "mergesmith"]}
     if library_name:
@@ -63,4 +66,13 @@ def write_model_card(output: Path, *, recipe_yaml: str, method: str, base_model:
         lines += [f"Base model: `{base_model}`", ""]
     lines += ["Models merged:", "", *[f"- `{m}`" for m in models], "", "## Recipe", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
+    if reproduce:
+        options = reproduce.get("options", {})
+        flags = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+                         for k, v in options.items())
+        lines += ["## Reproduce", "", "Save the recipe above as `recipe.yaml`, then", "", "```bash",
+                  f"mergesmith merge recipe.yaml ./merged {flags}".rstrip(), "```", "",
+                  "The same inputs, options and versions give the same tensors bit for bit.", "", "```yaml",
+                  yaml.safe_dump({k: v for k, v in reproduce.items() if k != "options"} | {"options": options},
+                                 sort_keys=False).rstrip(), "```", ""]
     (output / "README.md").write_text("\n".join(lines))

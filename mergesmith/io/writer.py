@@ -7,15 +7,17 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, OutputError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -37,41 +39,142 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def check_output(target: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite`` (checked before any work, and again at the start)."""
-    if target.exists() and not overwrite:
-        raise MergeError(f"output {target} already exists; pass --overwrite to replace it")
+MARKER = ".mergesmith"  # in every finished output: what wrote it and which files are its own (JSON)
+PARTIAL = ".mergesmith-partial"  # in every unfinished one: who is writing it (JSON: host, pid, start time)
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def check_output(target: Path, overwrite: bool, inputs: Collection[Path] = ()) -> None:
+    """Refuse, before any work, an output that mergesmith may not write: one that exists (unless
+    ``overwrite``, and then only a directory a previous mergesmith run wrote and nothing else has been put
+    in since), the current directory or one above it, and any of the ``inputs`` or a directory above one."""
+    target = Path(target)
+    resolved = target.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise OutputError(f"output {target} is the current directory or one above it; name a new directory")
+    for given in inputs:
+        path = Path(given).resolve()
+        if resolved == path or resolved in path.parents:
+            raise OutputError(f"output {target} would replace the input {given}; name a new directory")
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise OutputError(f"output {target} exists and is not a directory; name a new directory")
+    if not any(target.iterdir()):
+        return  # an empty directory someone made for the output
+    if not overwrite:
+        raise OutputError(f"output {target} already exists; pass --overwrite to replace it")
+    foreign = foreign_files(target)
+    if foreign is None:
+        raise OutputError(f"output {target} was not written by mergesmith (it has no {MARKER} marker), so "
+                          f"--overwrite will not replace it; name a new directory")
+    if foreign:
+        raise OutputError(f"output {target} holds {_listed(foreign)}, which mergesmith did not write, so "
+                          f"--overwrite will not delete it; move it away or name a new directory")
+
+
+def foreign_files(directory: Path) -> list[str] | None:
+    """The files in ``directory`` that its mergesmith marker does not list (None: there is no marker)."""
+    try:
+        owned = set(json.loads((directory / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir()}
+    return sorted(present - owned - {MARKER})
+
+
+def _listed(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), to tell it from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _writer_alive(folder: Path) -> bool:
+    """Whether the run that made an unfinished output is still running (on this host)."""
+    try:
+        owner = json.loads((folder / PARTIAL).read_text())
+    except (OSError, ValueError):
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True  # a shared filesystem: another machine's run, which we cannot see; leave it alone
+    return _process_start(int(owner.get("pid", -1))) == owner.get("start")
+
+
+def clean_leftovers(target: Path, log: Callable[[str], None] | None = None) -> None:
+    """Remove what killed runs left beside ``target``: unfinished outputs ``.<name>.tmp-<pid>`` (only those
+    holding our PARTIAL marker, and whose run is gone) and, from a run killed between its two renames, the
+    previous output ``.<name>.old-<pid>``, which is put back when ``target`` is missing."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for folder in sorted(parent.iterdir()):
+        match = _LEFTOVER.match(folder.name)
+        if match is None or match["name"] != target.name or not folder.is_dir() or folder.is_symlink():
+            continue
+        if match["kind"] == "tmp":
+            partial = (folder / PARTIAL).exists()
+            if not (partial or (folder / MARKER).exists()) or (partial and _writer_alive(folder)):
+                continue  # not ours, or its run is still writing it
+            shutil.rmtree(folder, ignore_errors=True)
+            if log is not None:
+                log(f"removed {folder}, the unfinished output of an interrupted run")
+        elif (folder / MARKER).exists():
+            if not target.exists():
+                folder.rename(target)
+                if log is not None:
+                    log(f"restored {target} from {folder.name}, where an interrupted --overwrite had left it")
+            elif foreign_files(folder) == []:
+                shutil.rmtree(folder, ignore_errors=True)
+                if log is not None:
+                    log(f"removed {folder}, an output an interrupted --overwrite had replaced")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``target``; rename it to ``target`` on success and
-    delete it on any failure, so that ``target`` is never half-written."""
+def atomic_output_dir(target: str | Path, overwrite: bool = False, *, inputs: Collection[Path] = (),
+                      log: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; on success, mark it as ours (MARKER, with the
+    list of files in it) and rename it to ``target``; delete it on any failure or interrupt, so that
+    ``target`` is never half-written. What killed runs left here before is cleaned up first."""
     target = Path(target).absolute()
-    check_output(target, overwrite)
-    if target.exists() and not target.is_dir():
-        raise MergeError(f"output {target} exists and is not a directory")
+    clean_leftovers(target, log)
+    check_output(target, overwrite, inputs)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MergeError(f"cannot create {target.parent}: {e.strerror}") from None
+        raise OutputError(f"cannot create {target.parent}: {e.strerror}") from None
     if not os.access(target.parent, os.W_OK):
-        raise MergeError(f"cannot write to {target.parent}: permission denied")
+        raise OutputError(f"cannot write to {target.parent}: permission denied")
     temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+    (temporary / PARTIAL).write_text(json.dumps(owner))
     try:
         yield temporary
+        files = sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*")
+                       if not p.is_dir() and p.name != PARTIAL)
+        (temporary / MARKER).write_text(json.dumps({"written_by": "mergesmith", "files": files}, indent=1) + "\n")
+        (temporary / PARTIAL).unlink()  # after the marker: a leftover always holds one of the two
+        if target.exists():  # checked again: it may have changed while we merged
+            check_output(target, overwrite, inputs)
+            if any(target.iterdir()):
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                target.rename(old)
+                temporary.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+            target.rmdir()
+        temporary.rename(target)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        temporary.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        temporary.rename(target)
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
