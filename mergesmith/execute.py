@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mergesmith.checks import all_finite
-from mergesmith.errors import CheckpointError, MergeError
+from mergesmith.errors import CheckpointError, MergeError, UsageError
 from mergesmith.plan import Job, Plan, TensorInput, seed_for
 
 
@@ -135,9 +135,7 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
             allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
     """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``. NaN or infinite
     values in an input or a result are an error unless ``allow_nonfinite``."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda was requested but no CUDA device is available")
+    device = check_device(device)
     start = time.perf_counter()
     bytes_read = bytes_written = 0
     reports: dict[str, dict[str, Any]] = {}
@@ -156,6 +154,21 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
     return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
                         bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
                         fallback=list(plan.fallback))
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it (checked before a merge starts, not at its first tensor)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was requested but MPS is not available")
+    return device
 
 
 def peak_rss_bytes() -> int:

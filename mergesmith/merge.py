@@ -13,11 +13,18 @@ import torch
 from mergesmith.architecture import split_layer_name
 from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeError, MergeWarning, RecipeError
-from mergesmith.execute import MergeSummary, execute
+from mergesmith.execute import MergeSummary, check_device, execute
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
 from mergesmith.io.sidecar import StatsReader
-from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir, check_output, parse_size
+from mergesmith.io.writer import (
+    OutputTensor,
+    ShardedWriter,
+    atomic_output_dir,
+    check_output,
+    clean_leftovers,
+    parse_size,
+)
 from mergesmith.measure import Statistics
 from mergesmith.methods.registry import REQUIRED
 from mergesmith.plan import Job, Plan, build_plan
@@ -65,7 +72,7 @@ def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | P
 
 
 def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool) -> tuple[Plan, Path | None, Path | None]:
-    check_output(output, overwrite, input_paths(recipe))  # before planning: fail fast
+    check_output(output, overwrite, [*input_paths(recipe), *([Path(label)] if label else [])])  # fail fast
     plan = _plan(recipe, label)
     return (plan, *_companion_files(recipe, plan))
 
@@ -86,12 +93,15 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     """
     recipe, label = _as_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
+    check_device(device)
     output = Path(output)
     inputs = input_paths(recipe)
+    clean_leftovers(output.absolute(), on_notice)  # first: an interrupted --overwrite's output comes back
     plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite)
     if on_plan is not None:
         on_plan(plan)
-    with atomic_output_dir(output, overwrite, inputs=inputs, log=on_notice) as directory:
+    with atomic_output_dir(output, overwrite, inputs=[*inputs, *([Path(label)] if label else [])],
+                           log=on_notice) as directory:
         outputs = [OutputTensor(out.name, out.shape, out.out_dtype) for job in plan.jobs for out in job.outputs]
         writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
         try:

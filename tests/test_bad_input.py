@@ -219,31 +219,38 @@ def test_pickle_with_code_is_refused(llama, bad_models, write_recipe, run_cli, o
 
 
 def test_output_exists_and_overwrite(llama, write_recipe, run_cli, out):
-    out.mkdir(parents=True)
-    (out / "keep.txt").write_text("old")
     recipe = write_recipe(linear(llama["ft1"], llama["ft2"]))
+    assert run_cli("merge", recipe, out, "--quiet").code == 0
+    first = sorted(p.name for p in out.iterdir())
 
     result = run_cli("merge", recipe, out)
     assert result.code == 2
     assert_one_line_error(result, r"already exists", r"--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == first
 
     result = run_cli("merge", recipe, out, "--overwrite", "--quiet")
     assert result.code == 0, result.stderr
-    assert not (out / "keep.txt").exists()
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     assert [p.name for p in out.parent.iterdir()] == ["merged"]  # no .merged.old-* or .tmp-* left
 
 
-def test_failed_overwrite_keeps_the_old_output(llama, bad_models, write_recipe, run_cli, out):
+def test_overwrite_never_deletes_a_directory_mergesmith_did_not_write(llama, write_recipe, run_cli, out):
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("old")
+    result = run_cli("merge", write_recipe(linear(llama["ft1"], llama["ft2"])), out, "--overwrite")
+    assert_one_line_error(result, r"not written by mergesmith")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_failed_overwrite_keeps_the_old_output(llama, bad_models, write_recipe, run_cli, out):
+    assert run_cli("merge", write_recipe(linear(llama["ft1"], llama["ft2"])), out, "--quiet").code == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
     recipe = {"merge_method": "task_arithmetic", "base_model": str(llama["base"]),
               "models": [{"model": str(bad_models["with_inf"])}]}
-    result = run_cli("merge", write_recipe(recipe), out, "--overwrite", "--max-shard-size", "5KB")
+    result = run_cli("merge", write_recipe(recipe, name="bad.yaml"), out, "--overwrite", "--max-shard-size", "5KB")
     assert result.code == 2
     assert_one_line_error(result, r"NaN or infinite")
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     assert [p.name for p in out.parent.iterdir()] == ["merged"]
 
 
