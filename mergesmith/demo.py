@@ -26,6 +26,7 @@ from rich.table import Table  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import mergesmith  # noqa: E402
+from mergesmith.errors import OutputError  # noqa: E402
 
 TASKS = ("sentiment", "topic", "question")
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "model_stock")
@@ -210,6 +211,16 @@ def _stamp(directory: Path, settings: dict[str, Any]) -> None:
     (directory / "mergesmith-demo.json").write_text(json.dumps(settings))
 
 
+def _check_workdir(work: Path) -> None:
+    """The demo writes base/, finetuned-*/, stats-*/ and merged-*/ into its workdir: only into a new or empty
+    directory, or one an earlier demo run wrote (its base carries the demo's stamp), never over a user's."""
+    if work.exists() and not work.is_dir():
+        raise OutputError(f"--workdir {work} exists and is not a directory; name a new directory")
+    if work.is_dir() and any(work.iterdir()) and not (work / "base" / "mergesmith-demo.json").exists():
+        raise OutputError(f"--workdir {work} holds files an earlier demo did not write; name a new or empty "
+                          f"directory")
+
+
 def run_demo(workdir: str | Path | None = None, steps: int = 60, console: Console | None = None, *,
              examples: int = 400, lr: float = 1e-4, seed: int = 0, threads: int | None = None,
              source: str | Path | None = None) -> dict[str, dict[str, float]]:
@@ -222,6 +233,7 @@ def run_demo(workdir: str | Path | None = None, steps: int = 60, console: Consol
     os.environ["HF_HUB_OFFLINE"] = "1"
     console = console or Console(stderr=True)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mergesmith-demo-"))
+    _check_workdir(work)
     work.mkdir(parents=True, exist_ok=True)
     start, saved_threads = time.perf_counter(), torch.get_num_threads()
     logging = transformers.logging

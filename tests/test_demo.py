@@ -94,3 +94,22 @@ def test_demo_reuses_finetunes_with_the_same_settings(demo):
     assert "reusing" in out.getvalue()
     assert (work / "finetuned-sentiment" / "model.safetensors").stat().st_mtime_ns == before
     assert again == results  # same fine-tunes, same seed (DARE included): same merges
+
+
+@pytest.mark.parametrize("what", ["user files", "a file"])
+def test_demo_never_writes_into_a_directory_it_did_not_make(tmp_path, run_cli, what):
+    from mergesmith.demo import run_demo
+    from mergesmith.errors import OutputError
+
+    work = tmp_path / "work"
+    if what == "a file":
+        work.write_text("notes")
+    else:
+        work.mkdir()
+        (work / "base").mkdir()
+        (work / "base" / "config.json").write_text("{}")  # a model of the user's, where the demo puts its own
+    with pytest.raises(OutputError, match="--workdir"):
+        run_demo(workdir=work, steps=1)
+    result = run_cli("demo", "--workdir", work, "--steps", "1")
+    assert result.code == 2 and result.error_line.startswith("error: --workdir")
+    assert (work.read_text() == "notes") if what == "a file" else (work / "base" / "config.json").read_text() == "{}"
