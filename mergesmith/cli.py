@@ -118,81 +118,130 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
             kind: list[str] = typer.Option(["fisher"], help="fisher, gram or kfac; repeat for several."),
             task: str = typer.Option(None, help="causal-lm or seq-cls (default: from config.json)."),
             text_field: str = typer.Option("text"), label_field: str = typer.Option(None),
-            max_length: int = typer.Option(512), batch_size: int = typer.Option(8),
-            max_examples: int = typer.Option(None), seed: int = typer.Option(0),
+            max_length: int = typer.Option(512, help="Longest sequence in tokens; never past the model's own "
+                                           "maximum (longer examples are truncated, with a warning)."),
+            batch_size: int = typer.Option(8), max_examples: int = typer.Option(None), seed: int = typer.Option(0),
             device: str = typer.Option("cpu"),
             fisher: str = typer.Option("empirical", help="empirical (data labels), sampled (labels drawn from "
                                        "the model) or exact (seq-cls only)."),
             samples: int = typer.Option(1, help="Label draws per example for --fisher sampled, each weighted 1/k."),
+            exclude: list[str] = typer.Option(None, "--exclude", help="Measure nothing for modules whose name "
+                                              "matches this regex (re.search): no Gram, K-FAC or Fisher; recorded "
+                                              "in the sidecar. Repeat for several."),
+            max_factor_size: str = typer.Option("1x", help="Largest Gram or K-FAC factor, e.g. 1GB, or a multiple "
+                                                "of the model's float32 size (1x); a larger one is skipped with a "
+                                                "warning and recorded in the sidecar. 'none': no limit."),
             max_shard_size: str = typer.Option("5GB", help="Largest sidecar file, e.g. 5GB or 200MB; above it "
                                                "the sidecar is sharded."),
             trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (off).")) -> None:
     """Measure curvature statistics of MODEL on DATA into a sidecar (docs/statistics.md)."""
+    import warnings
+
     import torch
 
+    from mergesmith.errors import MergeWarning, UsageError, did_you_mean
     from mergesmith.io.sidecar import check_writable
     from mergesmith.io.writer import parse_size
-    from mergesmith.measure import classifier_fisher_labels
+    from mergesmith.measure import check_kinds, classifier_fisher_labels
     from mergesmith.measure import measure as run_measure
     from mergesmith.measure.data import load_examples
     from mergesmith.measure.hf import (
-        TASKS,
         batches,
         causal_lm_fisher_labels,
         causal_lm_log_likelihood,
         check_labels,
+        check_task,
+        check_tokens,
         class_log_probs,
         infer_task,
         load_model,
+        load_tokenizer,
+        read_config,
         seq_cls_log_likelihood,
     )
+    from mergesmith.measure.select import compile_excludes, parse_factor_budget
 
-    task = task or infer_task(model)
-    if task not in TASKS:
-        raise MergeError(f"--task {task}: expected one of {', '.join(TASKS)}")
-    if fisher not in ("empirical", "sampled", "exact"):
-        raise MergeError(f"--fisher {fisher}: expected empirical, sampled or exact")
-    if fisher == "exact" and task == "causal-lm":
-        raise MergeError("--fisher exact is intractable for causal-lm (an expectation over vocabulary^length label "
-                         "sequences); use --fisher sampled --samples k")
-    if samples < 1:
-        raise MergeError(f"--samples {samples}: draw at least 1 label per example")
+    # every option first, then the model's files, then the data: all before any weight is read
+    kinds = check_kinds(kind)
+    if task is not None:
+        check_task(task)
+    variants = ("empirical", "sampled", "exact")
+    if fisher not in variants:
+        close = did_you_mean(fisher, variants)
+        raise UsageError(f"--fisher {fisher}: expected empirical, sampled or exact"
+                         f"{close if 'did you mean' in close else ''}")
+    for option, value, meaning in (("--samples", samples, "draw at least 1 label per example"),
+                                   ("--batch-size", batch_size, "at least 1 example per batch"),
+                                   ("--max-length", max_length, "keep at least 1 token per example"),
+                                   ("--max-examples", max_examples, "measure at least 1 example (omit it for all)")):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value}: {meaning}")
     shard_limit = parse_size(max_shard_size)
+    budget = parse_factor_budget(max_factor_size)
+    excludes = list(exclude or [])
+    compile_excludes(excludes)
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
     check_writable(output)  # before the work, not after it
+    config = read_config(model, trust_remote_code=trust_remote_code)
+    task = task or infer_task(model, config)
+    if fisher == "exact" and task == "causal-lm":
+        raise UsageError("--fisher exact is intractable for causal-lm (an expectation over vocabulary^length label "
+                         "sequences); use --fisher sampled --samples k")
+    if task == "causal-lm" and max_length < 2:
+        raise UsageError(f"--max-length {max_length}: a causal LM predicts each token from the ones before it, so "
+                         f"keep at least 2 tokens")
+    if task == "seq-cls" and label_field is None:
+        raise UsageError("seq-cls needs labels: pass --label-field with the data's label column")
     examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
                              max_examples=max_examples, seed=seed)
+    check_labels(examples, config, task, data)
     rank, world = _start_distributed(device)
-    all_examples, examples = examples, examples[rank::world]  # under torchrun: each rank its share
-    network, tokenizer = load_model(model, task, trust_remote_code=trust_remote_code)
-    check_labels(examples, network, task, data)
-    if world > 1 and device.startswith("cuda"):  # under torchrun: one GPU per rank
-        device = f"cuda:{rank % torch.cuda.device_count()}"
-    network.to(device)
-    log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
-    stream = batches(examples, tokenizer, batch_size=batch_size, max_length=max_length, device=torch.device(device))
-    progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-                        TimeElapsedColumn(), console=console, transient=True, disable=rank != 0)
-    with progress:
-        counter = progress.add_task("measure", total=len(examples))
+    with warnings.catch_warnings():
+        if rank != 0:  # under torchrun: one warning, not one per process
+            warnings.simplefilter("ignore", MergeWarning)
+        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        length = check_tokens(examples, tokenizer, config, task=task, max_length=max_length, batch_size=batch_size,
+                              model_dir=model, data=data)
+        all_examples, examples = examples, examples[rank::world]  # under torchrun: each rank its share
+        network, tokenizer = load_model(model, task, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        if world > 1 and device.startswith("cuda"):  # under torchrun: one GPU per rank
+            device = f"cuda:{rank % torch.cuda.device_count()}"
+        network.to(device)
+        log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
+        stream = batches(examples, tokenizer, batch_size=batch_size, max_length=length, device=torch.device(device))
+        progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
+                            TimeElapsedColumn(), console=console, transient=True, disable=rank != 0)
+        with progress:
+            counter = progress.add_task("measure", total=len(examples))
 
-        def counted():
-            for batch in stream:
-                yield batch
-                progress.update(counter, advance=batch["input_ids"].shape[0])
+            def counted():
+                for batch in stream:
+                    yield batch
+                    progress.update(counter, advance=batch["input_ids"].shape[0])
 
-        # under torchrun each rank draws from its own stream; one process draws with --seed itself
-        draw_seed = seed * world + rank
-        if fisher == "empirical":
-            labels = None
-        elif task == "causal-lm":
-            labels = causal_lm_fisher_labels(samples, seed=draw_seed)
-        else:
-            labels = classifier_fisher_labels(fisher, class_log_probs, samples=samples, seed=draw_seed)
-        stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kind, fisher_labels=labels,
-                            fisher_variant=fisher)
+            # under torchrun each rank draws from its own stream; one process draws with --seed itself
+            draw_seed = seed * world + rank
+            if fisher == "empirical":
+                labels = None
+            elif task == "causal-lm":
+                labels = causal_lm_fisher_labels(samples, seed=draw_seed)
+            else:
+                labels = classifier_fisher_labels(fisher, class_log_probs, samples=samples, seed=draw_seed)
+            stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kinds, fisher_labels=labels,
+                                fisher_variant=fisher, exclude=excludes, max_factor_size=budget)
     if rank == 0:
         path = stats.save(output, max_shard_size=shard_limit)
-        console.print(f"{len(all_examples)} examples, {len(stats.tensors)} statistics ({', '.join(kind)}) → {path}")
+        skipped = ""
+        if stats.skipped:
+            names = ", ".join(sorted(stats.skipped)[:3]) + (", ..." if len(stats.skipped) > 3 else "")
+            skipped = f"; {len(stats.skipped)} module(s) skipped ({names}), recorded in the sidecar"
+        console.print(f"{len(all_examples)} examples, {len(stats.tensors)} statistics ({', '.join(kinds)}) → {path}"
+                      f"{skipped}", soft_wrap=True)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, StatisticsError
 from mergesmith.methods.curvature import fisher_problem
 
 MODULE_KINDS = ("gram", "kfac_a", "kfac_g")
@@ -67,7 +67,19 @@ class Sidecar:
         self.kinds = {key.split("/", 1)[0] for key in self.keys}
         self.transposed = set(json.loads(source.metadata.get("transposed", "[]")))
         self.fingerprints: dict[str, str] = json.loads(source.metadata.get("fingerprints", "{}"))
+        self.skipped = _read_skipped(source)
         self._norms: dict[str, float] = {}
+
+    def skip_reason(self, kind: str, tensor: str) -> str | None:
+        """Why measure left ``kind`` of ``tensor`` out on purpose (--exclude, the factor budget), from the
+        sidecar's ``skipped`` metadata; None when it did not."""
+        stored = DERIVED.get(kind, kind)
+        module = tensor.rpartition(".")[0]  # a weight's or bias's module owns its Fisher and its factors
+        entry = self.skipped.get(module)
+        if entry is None or stored not in entry["kinds"]:
+            return None
+        return (f"its sidecar {self.source.path} records module '{module}' as skipped at measure time "
+                f"({entry['reason']})")
 
     def where(self) -> str:
         return f"model '{self.model}' (statistics {self.source.path})"
@@ -93,6 +105,23 @@ class Sidecar:
         if problem is not None:
             raise MergeError(f"{self.where()}: '{key}' {problem}; measure it again")
         return tensor
+
+
+def _read_skipped(source: StatsSource) -> dict[str, dict[str, Any]]:
+    """The ``skipped`` metadata, {module: {"kinds": [...], "reason": "..."}} (absent: nothing skipped)."""
+    text = source.metadata.get("skipped")
+    if text is None:
+        return {}
+    try:
+        skipped = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        skipped = None
+    if not isinstance(skipped, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("kinds"), list) and isinstance(entry.get("reason"), str)
+            for entry in skipped.values()):
+        raise StatisticsError(f"{source.path}: the metadata's 'skipped' is not a JSON object of {{module: {{\"kinds\": "
+                              f"[...], \"reason\": \"...\"}}}}; the sidecar is damaged: measure again")
+    return skipped
 
 
 @dataclass(frozen=True)
@@ -208,7 +237,12 @@ def _check_consistent(name: str, kinds: tuple[str, ...], inputs: list, refs: lis
     for kind in kinds:
         present = [kind in r for i, r in enumerate(refs) if i != base_index]
         if any(present) and not all(present):
-            models = [m for i, (m, _, _) in enumerate(inputs) if i != base_index]
-            lacking = models[present.index(False)]
-            raise MergeError(f"model '{lacking}' has no '{DERIVED.get(kind, kind)}' statistic for '{name}' while "
-                             f"other models do; measure every model's statistics the same way")
+            merged = [entry for i, entry in enumerate(inputs) if i != base_index]
+            lacking, key, sidecar = merged[present.index(False)]
+            what = f"model '{lacking}' has no '{DERIVED.get(kind, kind)}' statistic for '{name}' while other models do"
+            reason = sidecar.skip_reason(kind, key) if sidecar is not None else None
+            if reason is not None:
+                raise StatisticsError(f"{what}: {reason}; measure every model with the same --exclude and "
+                                      f"--max-factor-size, so that all of them skip it (the method's fallback) "
+                                      f"or none does")
+            raise StatisticsError(f"{what}; measure every model's statistics the same way")

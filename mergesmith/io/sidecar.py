@@ -72,9 +72,11 @@ def check_writable(directory: str | Path) -> None:
 
 def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: dict[str, int], *,
                model: str, fisher_variant: str | None = None, transposed: list[str] | None = None,
-               fingerprints: dict[str, str] | None = None,
+               fingerprints: dict[str, str] | None = None, skipped: dict[str, dict] | None = None,
                max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a sidecar; ``counts`` maps each tensor key to the number of examples (or rows) in its mean.
+    ``skipped`` records the modules ``measure`` left out on purpose, {module: {"kinds": [key prefixes],
+    "reason": "..."}} (``--exclude``, the factor budget), so that a merge can say why a statistic is absent.
 
     One ``stats.safetensors`` when the tensors fit in ``max_shard_size`` bytes (5GB, 200MB, ...), else
     shards and an index. Everything is written to a temporary folder first (see ``_write_atomically``), so
@@ -93,6 +95,9 @@ def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: 
         metadata["transposed"] = json.dumps(sorted(transposed))
     if fingerprints:  # which weights were measured: a merge checks them against the checkpoint it reads
         metadata["fingerprints"] = json.dumps(fingerprints, sort_keys=True)
+    if skipped:  # left out on purpose (--exclude, --max-factor-size): a merge falls back knowingly
+        metadata["skipped"] = json.dumps({module: {"kinds": sorted(entry["kinds"]), "reason": entry["reason"]}
+                                          for module, entry in skipped.items()}, sort_keys=True)
     prepared = {key: tensors[key].detach().to("cpu", torch.float32).contiguous() for key in sorted(tensors)}
     shards = shard_layout([OutputTensor(key, tuple(t.shape), torch.float32) for key, t in prepared.items()], limit)
     names = [FILENAME] if len(shards) == 1 else [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]

@@ -14,11 +14,16 @@ Definitions (docs/statistics.md):
 - ``kfac``: for every ``nn.Linear``, A = mean over rows of a aᵀ (a = the input row, with a trailing 1
   appended when the layer has a bias) and G = mean over rows of g gᵀ (g = ∂ Σ_n log p(y_n|x_n) / ∂ output
   row).
+
+``exclude`` (module-name regexes) and ``max_factor_size`` (the factor budget, default ``1x``: no factor
+larger than the model itself) leave statistics out before anything is allocated; ``Statistics.skipped``
+records what and why, and the sidecar keeps it (``measure.select``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import DataError, MergeWarning, UsageError, did_you_mean
 from mergesmith.io.sidecar import model_identity, save_stats, weights_fingerprint
 from mergesmith.measure.fisher import PerExampleSquares
+from mergesmith.measure.select import DEFAULT_MAX_FACTOR_SIZE, FactorBudget, budget_warning, select
 
 LogLikelihood = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 KIND_NAMES = ("fisher", "gram", "kfac")
@@ -44,11 +50,12 @@ class Statistics:
     fisher_variant: str | None = None
     transposed: list[str] = field(default_factory=list)  # modules whose weight is (in, out): GPT-2's Conv1D
     fingerprints: dict[str, str] = field(default_factory=dict)  # parameter -> weights_fingerprint
+    skipped: dict[str, dict] = field(default_factory=dict)  # module -> {"kinds": [...], "reason": "..."}
 
     def save(self, directory: str | Path, max_shard_size: str | int = "5GB") -> Path:
         return save_stats(directory, self.tensors, self.counts, model=self.model,
                           fisher_variant=self.fisher_variant, transposed=self.transposed,
-                          fingerprints=self.fingerprints, max_shard_size=max_shard_size)
+                          fingerprints=self.fingerprints, skipped=self.skipped, max_shard_size=max_shard_size)
 
 
 class _Sums:
@@ -91,8 +98,10 @@ def _rows(x: Tensor, row_mask: Tensor | None) -> Tensor:
 
 
 @contextmanager
-def _layer_hooks(modules: dict[str, nn.Module], sums: _Sums, *, gram: bool, kfac: bool,
+def _layer_hooks(modules: dict[str, nn.Module], sums: _Sums, *, gram: Collection[str], kfac: Collection[str],
                  row_mask: Callable[[], Tensor | None]):
+    """Forward hooks adding the Gram statistics of the layers named in ``gram`` and the K-FAC factors of
+    those in ``kfac``."""
     handles = []
 
     # layers fed the same tensor (an attention block's query, key and value) share one product
@@ -109,12 +118,14 @@ def _layer_hooks(modules: dict[str, nn.Module], sums: _Sums, *, gram: bool, kfac
         return cached[2], cached[3]
 
     def on_forward(name: str, module: nn.Module):
+        with_gram, with_kfac = name in gram, name in kfac
+
         def hook(_module, inputs, output):
             mask = row_mask()
-            if gram:
+            if with_gram:
                 product, rows = input_products(inputs[0], mask, with_ones=False)
                 sums.add(f"gram/{name}", product, rows)
-            if kfac:
+            if with_kfac:
                 product, rows = input_products(inputs[0], mask, with_ones=module.bias is not None)
                 sums.add(f"kfac_a/{name}", product, rows)
                 if output.requires_grad:
@@ -171,10 +182,35 @@ def _looped_squares(model: nn.Module, names: set[str], batch: Mapping[str, Tenso
 FisherLabels = Callable[[nn.Module, Mapping[str, Tensor]], list[tuple[Tensor, Mapping[str, Tensor]]]]
 
 
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The statistic kinds, once each, in order; an unknown one is a usage error with a suggestion."""
+    kinds = tuple(dict.fromkeys(kinds))
+    for kind in kinds:
+        if kind not in KIND_NAMES:
+            raise UsageError(f"unknown statistic kind '{kind}'{did_you_mean(kind, KIND_NAMES)}")
+    if not kinds:
+        raise UsageError(f"no statistic to measure: pass --kind ({', '.join(KIND_NAMES)})")
+    return kinds
+
+
+@contextmanager
+def _without_gradient(model: nn.Module, names: set[str]):
+    """Parameters ``names`` treated as frozen (no Fisher) for the duration; restored afterwards."""
+    frozen = [p for name, p in model.named_parameters() if name in names and p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_likelihood: LogLikelihood,
             kinds: Iterable[str] = ("fisher",), accumulate_dtype: torch.dtype = torch.float32,
             chunk_size: int | None = 8, fisher_labels: FisherLabels | None = None,
-            fisher_variant: str = "empirical") -> Statistics:
+            fisher_variant: str = "empirical", exclude: Iterable[str] = (),
+            max_factor_size: str | int | FactorBudget | None = DEFAULT_MAX_FACTOR_SIZE) -> Statistics:
     """Measure ``kinds`` (any of fisher, gram, kfac) of ``model`` over ``batches`` in one pass each batch.
 
     Every statistic is a mean (Fisher over examples, Gram and K-FAC over non-padding rows) and keeps its
@@ -182,17 +218,26 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
     the data's labels (empirical) unless ``fisher_labels`` gives weighted relabelled batches instead
     (``classifier_fisher_labels`` for the sampled and exact Fisher of a classifier); ``fisher_variant``
     names the choice in the sidecar.
+
+    ``exclude``: regular expressions searched in module names; a matching module gets no statistic (no Gram,
+    no K-FAC, no Fisher for its parameters). ``max_factor_size``: no Gram or K-FAC factor larger than this
+    (``1GB``; ``1x``, the default, is the model's own size as float32; None for no budget), checked from the
+    layers' shapes before anything is allocated. Both are recorded in ``Statistics.skipped``; what the budget
+    skips is also a ``MergeWarning``.
     """
-    kinds = tuple(dict.fromkeys(kinds))
-    for kind in kinds:
-        if kind not in KIND_NAMES:
-            raise MergeError(f"unknown statistic kind '{kind}' (valid: {', '.join(KIND_NAMES)})")
+    kinds = check_kinds(kinds)
     layers = linear_modules(model) if {"gram", "kfac"} & set(kinds) else {}
     if {"gram", "kfac"} & set(kinds) and not layers:
-        raise MergeError(f"{type(model).__name__} has no Linear layers: gram and kfac statistics need them")
+        raise UsageError(f"{type(model).__name__} has no Linear layers: gram and kfac statistics need them")
+    selection = select(model, kinds, layers, exclude=exclude, max_factor_size=max_factor_size)
+    warning = budget_warning(selection)
+    if warning:
+        warnings.warn(warning, MergeWarning, stacklevel=2)
+    hooked = {name: module for name, module in layers.items() if name in selection.gram or name in selection.kfac}
     sums = _Sums(accumulate_dtype)
     current_mask: list[Tensor | None] = [None]
-    squarer = PerExampleSquares(model, chunk_size) if "fisher" in kinds else None
+    with _without_gradient(model, selection.no_fisher):
+        squarer = PerExampleSquares(model, chunk_size) if "fisher" in kinds else None
     seen = 0
     was_training = model.training
     model.eval()  # statistics of the deterministic model: no dropout
@@ -201,37 +246,39 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
             current_mask[0] = batch.get("attention_mask")
             examples = _batch_size(batch)
             seen += examples
-            if layers:
-                with _layer_hooks(layers, sums, gram="gram" in kinds, kfac="kfac" in kinds,
+            if hooked:
+                with _layer_hooks(hooked, sums, gram=selection.gram, kfac=selection.kfac,
                                   row_mask=lambda: current_mask[0]):
-                    if "kfac" in kinds:
+                    if selection.kfac:
                         model.zero_grad(set_to_none=True)
                         log_likelihood(model, batch).sum().backward()
                     else:
                         with torch.no_grad():
                             log_likelihood(model, batch)
             if "fisher" in kinds:
-                choices = fisher_labels(model, batch) if fisher_labels is not None else [(None, batch)]
-                for weights, labelled in choices:
-                    squares = squarer.run(labelled, log_likelihood, weights)
-                    if squarer.uncovered:
-                        squares.update(_looped_squares(model, squarer.uncovered, labelled, log_likelihood, weights))
-                    for name, p in _trainable(model).items():  # no entry: no gradient reached it
-                        sums.add(f"fisher/{name}", squares.get(name, torch.zeros_like(p)), 0)
-                for name in _trainable(model):
-                    sums.counts[f"fisher/{name}"] = sums.counts.get(f"fisher/{name}", 0) + examples
+                with _without_gradient(model, selection.no_fisher):  # excluded parameters: no Fisher
+                    choices = fisher_labels(model, batch) if fisher_labels is not None else [(None, batch)]
+                    for weights, labelled in choices:
+                        squares = squarer.run(labelled, log_likelihood, weights)
+                        if squarer.uncovered:
+                            squares.update(_looped_squares(model, squarer.uncovered, labelled, log_likelihood,
+                                                           weights))
+                        for name, p in _trainable(model).items():  # no entry: no gradient reached it
+                            sums.add(f"fisher/{name}", squares.get(name, torch.zeros_like(p)), 0)
+                    for name in _trainable(model):
+                        sums.counts[f"fisher/{name}"] = sums.counts.get(f"fisher/{name}", 0) + examples
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     seen = _all_reduce(sums, seen)
     if seen == 0:
-        raise MergeError("no data: the batches were empty, so there is nothing to measure")
+        raise DataError("no data: the batches were empty, so there is nothing to measure")
     tensors, counts = sums.means()
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    transposed = [name for name, module in layers.items() if type(module).__name__ == "Conv1D"]
+    transposed = [name for name, module in hooked.items() if type(module).__name__ == "Conv1D"]
     fingerprints = {name: weights_fingerprint(p) for name, p in model.named_parameters()}
     return Statistics(tensors, counts, model_identity(shapes), fisher_variant if "fisher" in kinds else None,
-                      transposed, fingerprints)
+                      transposed, fingerprints, selection.skipped)
 
 
 def _all_reduce(sums: _Sums, seen: int) -> int:
@@ -261,7 +308,7 @@ def _all_reduce(sums: _Sums, seen: int) -> int:
 def _batch_size(batch: Mapping[str, Tensor]) -> int:
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0}
     if len(sizes) != 1:
-        raise MergeError(f"a batch's tensors must share their first (example) dimension, got sizes {sorted(sizes)}")
+        raise DataError(f"a batch's tensors must share their first (example) dimension, got sizes {sorted(sizes)}")
     return sizes.pop()
 
 
@@ -276,7 +323,7 @@ def classifier_fisher_labels(variant: str, class_log_probs: Callable[[nn.Module,
     """
     generator = torch.Generator().manual_seed(seed)
     if variant not in ("sampled", "exact"):
-        raise MergeError(f"unknown Fisher variant '{variant}' (empirical, sampled, exact)")
+        raise UsageError(f"--fisher {variant}: not a Fisher variant{did_you_mean(variant, ('sampled', 'exact'))}")
 
     def choose(model: nn.Module, batch: Mapping[str, Tensor]) -> list[tuple[Tensor, Mapping[str, Tensor]]]:
         with torch.no_grad():

@@ -7,6 +7,8 @@ log p(token | previous tokens), the tokens being the data's (empirical Fisher) o
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,45 +16,217 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import CheckpointError, DataError, MergeWarning, UsageError, did_you_mean
 
 if TYPE_CHECKING:
     from mergesmith.measure import FisherLabels
 
 TASKS = ("causal-lm", "seq-cls")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+_UNSET = 10 ** 12  # transformers' model_max_length when a tokenizer states none is 1e30: "no limit"
 
 
-def infer_task(model_dir: Path) -> str:
-    import json
+def read_config(model_dir: Path, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``config.json`` of a local model directory, checked before anything else is read: the directory exists
+    and is a Hugging Face model, and it asks to run no code of its own (``auto_map``) unless allowed."""
+    if not model_dir.exists():
+        raise CheckpointError(f"model {model_dir} not found: measure reads a local Hugging Face model directory "
+                              f"(config.json, weights, tokenizer) and never downloads")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model {model_dir} is not a directory: measure reads a Hugging Face model "
+                              f"directory (config.json, weights, tokenizer)")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json, so it is not a Hugging Face model directory; "
+                              f"point measure at the directory save_pretrained wrote")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); restore the "
+                              f"model's config.json") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, expected an object; restore the model's "
+                              f"config.json")
+    if not trust_remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            settings = config if name == "config.json" else _json_object(model_dir / name)
+            auto_map = settings.get("auto_map")
+            if auto_map:
+                shown = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+                raise CheckpointError(f"{model_dir / name} asks to run code shipped with the model (auto_map: "
+                                      f"{shown}); mergesmith runs no checkpoint code: pass --trust-remote-code only "
+                                      f"if you trust {model_dir}, or delete auto_map to use transformers' own "
+                                      f"'{config.get('model_type', '?')}' implementation")
+    return config
 
-    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from an optional file; {} when it is absent or unreadable (transformers reports those)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def infer_task(model_dir: Path, config: dict[str, Any] | None = None) -> str:
+    architectures = (config if config is not None else read_config(model_dir)).get("architectures") or []
     for name in architectures:
         if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
             return "causal-lm"
         if name.endswith("ForSequenceClassification"):
             return "seq-cls"
-    raise MergeError(f"{model_dir}: cannot tell the task from config.json (architectures: "
-                     f"{architectures or 'none'}); pass --task causal-lm or --task seq-cls")
+    raise UsageError(f"{model_dir}: cannot tell the task from config.json (architectures: "
+                     f"{', '.join(map(str, architectures)) or 'none'}); pass --task causal-lm or --task seq-cls")
 
 
-def load_model(model_dir: Path, task: str, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """The model (float32, eval mode) and its tokenizer, from local files only."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise UsageError(f"--task {task}: not a task{did_you_mean(task, TASKS)}")
+    return task
+
+
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     # the CLI's own progress bar and one-line errors are the interface: keep transformers quiet
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    if not (model_dir / "config.json").exists():
-        raise MergeError(f"model {model_dir} not found or has no config.json (local directories only)")
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code,
-                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
+    """The model directory's own tokenizer (local files only), with a padding token."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    read_config(model_dir, trust_remote_code=trust_remote_code)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): "
+                              f"measure tokenises the data with the model's own tokenizer; copy the tokenizer files "
+                              f"of the model it was fine-tuned from into {model_dir}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # transformers' words for tokenizer files it cannot use
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({reason[:200]}); copy the tokenizer files "
+                              f"of the model it was fine-tuned from into {model_dir}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model.eval(), tokenizer
+    return tokenizer
+
+
+def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model (float32, eval mode) from local files only. Its weight files are checked first (headers,
+    index entries inside the directory, pickles only with weights_only); a checkpoint that lacks a tensor the
+    architecture needs, or holds one of another shape, is refused rather than filled with random values."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from mergesmith.io.checkpoint import CheckpointReader
+
+    _quiet_transformers()
+    read_config(model_dir, trust_remote_code=trust_remote_code)
+    CheckpointReader(model_dir, name=str(model_dir))  # every weight file checked before transformers reads one
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    try:
+        model, info = auto.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code,
+                                           dtype=torch.float32, output_loading_info=True,
+                                           ignore_mismatched_sizes=True)
+    except SafetensorError as e:  # a damaged file the header check above did not see
+        raise CheckpointError(f"{model_dir}: cannot read its weights ({e}); re-download or re-convert the "
+                              f"model") from None
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda entry: str(entry[0]))
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise CheckpointError(f"{model_dir}: '{key}' has shape {tuple(stored)} but config.json's architecture "
+                              f"needs {tuple(expected)}{more}; the config and the weights are of different models")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        hint = " (a causal LM's checkpoint has no classifier: pass --task causal-lm)" if task == "seq-cls" else ""
+        raise CheckpointError(f"{model_dir}: the weights lack '{missing[0]}'{more}, which the {task} model needs"
+                              f"{hint}; measuring would use random values for it")
+    return model.eval()
+
+
+def load_model(model_dir: Path, task: str, *, trust_remote_code: bool = False,
+               tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """The model (float32, eval mode) and its tokenizer (``tokenizer`` when one was loaded already), from
+    local files only."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    return load_network(model_dir, task, trust_remote_code=trust_remote_code), tokenizer
+
+
+def model_max_length(config: dict[str, Any], tokenizer: Any) -> tuple[int | None, str]:
+    """The longest sequence the model takes, and where that limit is stated (None when nothing states one):
+    the smaller of config.json's max_position_embeddings (n_positions for GPT-2) and the tokenizer's
+    model_max_length."""
+    limits = []
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits.append((value, f"{key} in config.json"))
+            break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _UNSET:
+        limits.append((value, "the tokenizer's model_max_length"))
+    return min(limits) if limits else (None, "")
+
+
+def check_tokens(examples: list[dict[str, Any]], tokenizer: Any, config: dict[str, Any], *, task: str,
+                 max_length: int, batch_size: int, model_dir: Path, data: Path) -> int:
+    """Tokenise every example once, before the weights are loaded, and return the length batches are cut to.
+
+    Sequences are cut to ``max_length`` tokens (``--max-length``), and never past the model's own maximum
+    (``model_max_length``): examples longer than that are truncated to it, with one warning. An example
+    without a single token is refused, and so is a token id outside the model's embedding (a tokenizer of
+    another model). A causal LM's example of one token has nothing to predict: one warning says how many."""
+    if max_length < 1:
+        raise UsageError(f"--max-length {max_length}: keep at least 1 token per example")
+    limit, stated = model_max_length(config, tokenizer)
+    length = max_length if limit is None else min(max_length, limit)
+    texts = [e["text"] for e in examples]
+    encoded = tokenizer(texts, truncation=True, max_length=length)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    number = [e.get("number", i + 1) for i, e in enumerate(examples)]
+    empty = [n for n, size in zip(number, lengths) if size == 0]
+    if empty:
+        raise DataError(f"{data}: example {empty[0]} has no tokens (its text is empty){_more(empty)}; remove it")
+    if limit is not None and limit < max_length:
+        full = tokenizer(texts, truncation=False)["input_ids"]
+        cut = [n for n, ids in zip(number, full) if len(ids) > limit]
+        if cut:
+            warnings.warn(f"{len(cut)} of {len(examples)} examples (e.g. example {cut[0]} of {data}) are longer "
+                          f"than the model's maximum of {limit} tokens ({stated}): they are truncated to {limit} "
+                          f"tokens", MergeWarning, stacklevel=2)
+    if task == "causal-lm":
+        single = [n for n, size in zip(number, lengths) if size == 1]
+        if single:
+            warnings.warn(f"{len(single)} of {len(examples)} examples (e.g. example {single[0]} of {data}) have "
+                          f"one token, so a causal LM has nothing to predict in them: they count as examples but "
+                          f"add nothing to the Fisher", MergeWarning, stacklevel=2)
+    rows = config.get("vocab_size")
+    if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
+        largest = max((max(ids), n) for n, ids in zip(number, encoded))
+        if batch_size > 1 and len(set(lengths)) > 1 and tokenizer.pad_token_id is not None:
+            largest = max(largest, (tokenizer.pad_token_id, 0))
+        if largest[0] >= rows:
+            where = f"example {largest[1]}" if largest[1] else "padding"
+            raise CheckpointError(f"{model_dir}: the tokenizer gives token id {largest[0]} ({where}), but the "
+                                  f"model's embedding has {rows} rows (vocab_size in config.json): the tokenizer "
+                                  f"({len(tokenizer)} tokens) is not this model's; copy the model's own tokenizer "
+                                  f"into {model_dir}")
+    return length
+
+
+def _more(numbers: list[int]) -> str:
+    return f" (and {len(numbers) - 1} more)" if len(numbers) > 1 else ""
 
 
 def batches(examples: list[dict[str, Any]], tokenizer: Any, *, batch_size: int, max_length: int,
@@ -103,7 +277,7 @@ def causal_lm_fisher_labels(samples: int = 1, seed: int = 0) -> FisherLabels:
     logits; under torchrun each rank draws its own share with its own generator).
     """
     if samples < 1:
-        raise MergeError(f"--samples {samples}: draw at least 1 label sequence per example")
+        raise UsageError(f"--samples {samples}: draw at least 1 label sequence per example")
     generator = torch.Generator().manual_seed(seed)
 
     def choose(model: nn.Module, batch: dict[str, Tensor]) -> list[tuple[Tensor, dict[str, Tensor]]]:
@@ -134,13 +308,14 @@ def seq_cls_log_likelihood(model: nn.Module, batch: dict[str, Tensor]) -> Tensor
     return class_log_probs(model, batch).gather(-1, batch["labels"][:, None]).squeeze(-1)
 
 
-def check_labels(examples: list[dict[str, Any]], model: nn.Module, task: str, data: Path) -> None:
+def check_labels(examples: list[dict[str, Any]], config: dict[str, Any], task: str, data: Path) -> None:
+    """A classifier's labels are class indices of the model (``num_labels``, or the size of ``id2label``)."""
     if task != "seq-cls":
         return
     if not examples or "label" not in examples[0]:
-        raise MergeError("seq-cls needs labels: pass --label-field")
-    classes = model.config.num_labels
-    for number, example in enumerate(examples, 1):
+        raise UsageError("seq-cls needs labels: pass --label-field")
+    classes = len(config.get("id2label") or {}) or config.get("num_labels") or 2  # transformers' default: 2
+    for position, example in enumerate(examples, 1):
         if not 0 <= example["label"] < classes:
-            raise MergeError(f"{data}: example {number} has label {example['label']}, outside the model's "
-                             f"{classes} classes [0, {classes - 1}]")
+            raise DataError(f"{data}: example {example.get('number', position)} has label {example['label']}, "
+                            f"outside the model's {classes} classes [0, {classes - 1}]")
