@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mergesmith.errors import MergeWarning
+
 # The jitter schedule for singular Cholesky factorisations, relative to mean(diag): 1e-10, 1e-9, ..., 1e-1.
 JITTER_EXPONENTS = tuple(range(-10, 0))
 
 
-class SolveWarning(UserWarning):
-    """A system was singular (and got a jitter) or an iterative solve stopped short of its tolerance."""
+class SolveWarning(MergeWarning):
+    """A system was singular (and got a jitter) or an iterative solve stopped short of its tolerance: a
+    ``MergeWarning``, so the command line shows it as one ``warning:`` line naming the tensor."""
 
 
 def solve_diagonal(precision: Tensor, rhs: Tensor, fallback: Tensor | None = None) -> Tensor:

@@ -101,10 +101,33 @@ class Sidecar:
         if kind == "fisher_count":
             return self.source.counts.get(key)
         tensor = self.source.get(key)
-        problem = fisher_problem(tensor) if kind == "fisher" else None
+        if kind == "fisher":
+            problem = fisher_problem(tensor)
+        else:
+            problem = _covariance_problem(tensor) if kind in MODULE_KINDS else None
         if problem is not None:
-            raise MergeError(f"{self.where()}: '{key}' {problem}; measure it again")
+            raise StatisticsError(f"{self.where()}: '{key}' {problem}; measure it again")
         return tensor
+
+
+def _covariance_problem(matrix: torch.Tensor) -> str | None:
+    """What is wrong with a Gram or K-FAC factor, if anything: NaN or infinite entries, nothing but zeros (no
+    Linear layer's inputs, or output gradients, are all exactly zero: the measurement broke), or a negative
+    diagonal entry (a covariance's diagonal is a mean of squares). One pass over the matrix, as the Fisher's
+    check, and one over its diagonal."""
+    if matrix.numel() == 0:
+        return None
+    low, high = torch.aminmax(matrix)  # NaN reaches both ends, an infinity one of them
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        return "has NaN or infinite entries"
+    if bool(low == 0) and bool(high == 0):
+        return "is all zeros, a sign of a broken measurement"
+    if matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1]:
+        least = matrix.diagonal().min()
+        if bool(least < 0):
+            return (f"has a negative diagonal entry ({float(least):.3g}), but a covariance's diagonal is a mean of "
+                    f"squares")
+    return None
 
 
 def _read_skipped(source: StatsSource) -> dict[str, dict[str, Any]]:

@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.errors import MergeError, StatisticsError, did_you_mean
+from mergesmith.io.checkpoint import SafetensorsHeader, contained_file, quote_name, read_json, safetensors_header
 from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
 
 FORMAT = "mergesmith-stats/1"
@@ -161,15 +162,24 @@ def _entry_file(path: Path) -> Path:
     """The file to open first for a sidecar at ``path`` (a directory, a statistics file, or an index)."""
     if not path.is_dir():
         if not path.exists():
-            raise MergeError(f"statistics not found at {path} (expected a directory holding {FILENAME} or {INDEX})")
+            raise StatisticsError(f"statistics not found at {path} (expected a directory holding {FILENAME} or "
+                                  f"{INDEX})")
         return path
     single, index = path / FILENAME, path / INDEX
-    if single.exists() and index.exists():
-        raise MergeError(f"{path} holds both {FILENAME} and {INDEX}, two sidecars in one place; delete the stale "
-                         f"one or measure again into an empty directory")
-    if not single.exists() and not index.exists():
-        raise MergeError(f"statistics not found at {path} (expected {FILENAME} or {INDEX})")
-    return index if index.exists() else single
+    if _lexists(single) and _lexists(index):
+        raise StatisticsError(f"{path} holds both {FILENAME} and {INDEX}, two sidecars in one place; delete the "
+                              f"stale one or measure again into an empty directory")
+    entry = index if _lexists(index) else single
+    if contained_file(path, entry.name, error=StatisticsError) is None:
+        raise StatisticsError(f"statistics not found at {path} (expected {FILENAME} or {INDEX})")
+    return entry
+
+
+def _lexists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+_RESTORE = "restore it from where the sidecar came from, or measure again"
 
 
 class StatsReader:
@@ -177,66 +187,92 @@ class StatsReader:
 
     Only the single file or the index is read up front (metadata and which shard holds which key); a shard
     is opened on the first ``get`` of a key it holds, so reading one statistic of a large sidecar reads one
-    shard's header and that tensor.
+    shard's header and that tensor. Nothing is trusted: every file's safetensors header is checked whole
+    before safetensors opens it (``mergesmith.io.checkpoint.safetensors_header``), an index may name only
+    files in its own directory, and every problem is a one-line ``StatisticsError``.
     """
 
     def __init__(self, path: str | Path):
         self.path = _entry_file(Path(path))
         self._handles: dict[str, Any] = {}
+        self._headers: dict[str, SafetensorsHeader] = {}
         if self.path.name.endswith(".index.json"):
             metadata, self._weight_map = self._read_index()
         else:
-            handle = self._open(self.path.name, check=False)
-            metadata = handle.metadata() or {}
-            self._weight_map = dict.fromkeys(handle.keys(), self.path.name)
+            header = self._header(self.path.name)
+            metadata = dict(header.metadata)
+            self._weight_map = dict.fromkeys(header.tensors, self.path.name)
         self.metadata: dict[str, Any] = metadata
         self.counts, self.model, self.fisher_variant = _parse_metadata(metadata, self.path)
         uncounted = sorted(set(self._weight_map) - set(self.counts))
         if uncounted:
-            raise MergeError(f"{self.path}: no count for '{uncounted[0]}' in the metadata's counts; the sidecar is "
-                             f"damaged: measure again")
+            raise StatisticsError(f"{self.path}: no count for {quote_name(uncounted[0])} in the metadata's counts; "
+                                  f"the sidecar is damaged: measure again")
         self.files = [self.path.parent / name for name in dict.fromkeys(self._weight_map.values())]
 
     def _read_index(self) -> tuple[dict[str, Any], dict[str, str]]:
-        restore = "restore it from where the sidecar came from, or measure again"
-        try:
-            index = json.loads(self.path.read_text())
-        except json.JSONDecodeError as e:
-            raise MergeError(f"{self.path}: broken index JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                             f"{restore}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise MergeError(f"{self.path}: cannot read the index ({e}); {restore}") from None
+        index = read_json(self.path, error=StatisticsError, advice=_RESTORE, invalid="broken index JSON")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         metadata = index.get("metadata") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
-            raise MergeError(f"{self.path}: not a statistics index (expected a JSON object with 'metadata' and "
-                             f"'weight_map'); {restore}")
+            raise StatisticsError(f"{self.path}: not a statistics index (expected a JSON object with 'metadata' and "
+                                  f"'weight_map'); {_RESTORE}")
+        named_by: dict[str, str] = {}
         for key, file in weight_map.items():
             # plain names only: an index must not point outside its own directory
             if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
-                raise MergeError(f"{self.path}: weight_map gives '{key}' the file {file!r}, expected a file name "
-                                 f"in the same directory; {restore}")
-        missing = sorted({file for file in weight_map.values() if not (self.path.parent / file).is_file()})
+                raise StatisticsError(f"{self.path}: weight_map gives {quote_name(key)} the file {file!r}, expected "
+                                      f"a file name in the same directory; {_RESTORE}")
+            named_by.setdefault(file, key)
+        missing = [file for file, key in named_by.items()
+                   if contained_file(self.path.parent, file, source=f"{self.path}: weight_map entry {quote_name(key)}",
+                                     error=StatisticsError) is None]
         if missing:
+            missing.sort()
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise MergeError(f"{self.path.parent / missing[0]}: shard named in {self.path.name} is missing{more}; "
-                             f"copy the whole sidecar directory, or measure again")
+            raise StatisticsError(f"{self.path.parent / missing[0]}: shard named in {self.path.name} is missing"
+                                  f"{more}; copy the whole sidecar directory, or measure again")
         return metadata, weight_map
 
-    def _open(self, file: str, check: bool = True) -> Any:
+    def _header(self, file: str) -> SafetensorsHeader:
+        """A statistics file's checked header: safetensors (see ``safetensors_header``), float32 tensors."""
+        header = self._headers.get(file)
+        if header is None:
+            path = self.path.parent / file
+            header = safetensors_header(path, error=StatisticsError)
+            for key, entry in header.tensors.items():
+                if entry.dtype != torch.float32:
+                    raise StatisticsError(f"{path}: statistic {quote_name(key)} is {entry.dtype}, but sidecars hold "
+                                          f"float32; {_RESTORE}")
+            self._headers[file] = header
+        return header
+
+    def _open(self, file: str) -> Any:
         handle = self._handles.get(file)
         if handle is not None:
             return handle
         path = self.path.parent / file
+        header = self._header(file)
+        if path != self.path:  # a shard: of this sidecar, holding what the index says
+            metadata = header.metadata
+            if metadata.get("format") != FORMAT or metadata.get("model") != self.model:
+                raise StatisticsError(f"{path}: not a shard of the sidecar {self.path} (format "
+                                      f"{metadata.get('format')!r}, model {metadata.get('model')!r}, expected "
+                                      f"{self.model!r}); copy the whole sidecar directory, or measure again")
+            for key in header.tensors:
+                if self._weight_map.get(key) != file:
+                    raise StatisticsError(f"{path}: holds {quote_name(key)}, which {self.path.name} does not list "
+                                          f"in this shard; the index and its shards do not match: {_RESTORE}")
+            listed = next((key for key, f in self._weight_map.items() if f == file and key not in header.tensors),
+                          None)
+            if listed is not None:
+                raise StatisticsError(f"{self.path}: lists {quote_name(listed)} in {file}, which does not hold it; "
+                                      f"the index and its shards do not match: {_RESTORE}")
         try:
             handle = safe_open(str(path), framework="pt")
-            metadata = handle.metadata() or {}
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise MergeError(f"{path}: not a readable statistics file ({e}); restore it or measure again") from None
-        if check and (metadata.get("format") != FORMAT or metadata.get("model") != self.model):
-            raise MergeError(f"{path}: not a shard of the sidecar {self.path} (format {metadata.get('format')!r}, "
-                             f"model {metadata.get('model')!r}, expected {self.model!r}); copy the whole sidecar "
-                             f"directory, or measure again")
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StatisticsError(f"{path}: not a readable statistics file ({reason}); {_RESTORE}") from None
         self._handles[file] = handle
         return handle
 
@@ -245,42 +281,71 @@ class StatsReader:
 
     def get(self, key: str) -> torch.Tensor:
         file = self._file_of(key)
+        handle = self._open(file)
         try:
-            return self._open(file).get_tensor(key)
+            return handle.get_tensor(key)
         except SafetensorError as e:
-            raise MergeError(f"{self.path.parent / file}: cannot read '{key}' ({e}); the sidecar is damaged "
-                             f"or inconsistent with {self.path.name}: measure again") from None
+            raise StatisticsError(f"{self.path.parent / file}: cannot read {quote_name(key)} ({e}); the sidecar is "
+                                  f"damaged or inconsistent with {self.path.name}: measure again") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """A statistic's shape, from its shard's header (the tensor itself is not read)."""
+        """A statistic's shape, from its shard's checked header (the tensor itself is not read)."""
         file = self._file_of(key)
-        try:
-            return tuple(self._open(file).get_slice(key).get_shape())
-        except SafetensorError as e:
-            raise MergeError(f"{self.path.parent / file}: cannot read '{key}' ({e}); the sidecar is damaged "
-                             f"or inconsistent with {self.path.name}: measure again") from None
+        self._open(file)
+        return self._header(file).tensors[key].shape
 
     def _file_of(self, key: str) -> str:
         file = self._weight_map.get(key)
         if file is None:
-            raise MergeError(f"{self.path}: no statistic '{key}'{did_you_mean(key, self._weight_map)}")
+            raise StatisticsError(f"{self.path}: no statistic {quote_name(key)}{did_you_mean(key, self._weight_map)}")
         return file
 
 
+def _json_metadata(metadata: dict[str, Any], name: str, path: Path, default: str, expected: type,
+                   item: type) -> Any:
+    """A metadata entry that holds JSON (a string), parsed and checked: a list or dict of ``item``."""
+    text = metadata.get(name, default)
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        value = None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if not isinstance(value, expected) or not all(isinstance(v, item) for v in items):
+        kind = "object" if expected is dict else "array"
+        raise StatisticsError(f"{path}: the metadata's {name!r} must be a JSON {kind} of {item.__name__}s as a "
+                              f"string; the sidecar is damaged: measure again")
+    return value
+
+
 def _parse_metadata(metadata: dict[str, Any], path: Path) -> tuple[dict[str, int], str, str | None]:
-    """(counts, model, fisher_variant) from a sidecar's metadata, or a one-line error saying what is wrong."""
+    """(counts, model, fisher_variant) from a sidecar's metadata, or a one-line error saying what is wrong.
+    The other entries a merge reads (``transposed``, ``fingerprints``) are checked too."""
     if metadata.get("format") != FORMAT:
-        raise MergeError(f"{path}: not a mergesmith statistics sidecar (format {metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise StatisticsError(f"{path}: not a mergesmith statistics sidecar (format "
+                              f"{_short_repr(metadata.get('format'))}, expected {FORMAT!r})")
     try:
         counts = json.loads(metadata["counts"])
         model = metadata["model"]
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise MergeError(f"{path}: the metadata's 'counts' (a JSON object as a string) or 'model' is missing or "
-                         f"unreadable; the sidecar is damaged: measure again") from None
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise StatisticsError(f"{path}: the metadata's 'counts' (a JSON object as a string) or 'model' is missing "
+                              f"or unreadable; the sidecar is damaged: measure again") from None
     if not isinstance(counts, dict) or not isinstance(model, str):
-        raise MergeError(f"{path}: the metadata's 'counts' must be a JSON object and 'model' a string")
-    return counts, model, metadata.get("fisher_variant")
+        raise StatisticsError(f"{path}: the metadata's 'counts' must be a JSON object and 'model' a string")
+    bad = next((key for key, n in counts.items() if type(n) is not int or n < 0), None)
+    if bad is not None:
+        raise StatisticsError(f"{path}: the metadata's count for {quote_name(bad)} is {_short_repr(counts[bad])}, "
+                              f"not a number of examples; the sidecar is damaged: measure again")
+    variant = metadata.get("fisher_variant")
+    if variant is not None and not isinstance(variant, str):
+        raise StatisticsError(f"{path}: the metadata's 'fisher_variant' must be a string")
+    _json_metadata(metadata, "transposed", path, "[]", list, str)
+    _json_metadata(metadata, "fingerprints", path, "{}", dict, str)
+    return counts, model, variant
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def combine_stats(sources: list[str | Path], output: str | Path, *,
