@@ -14,9 +14,31 @@ from rich.table import Table
 
 from mergesmith.errors import MergeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Merge fine-tuned checkpoints of one architecture into one model.")
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, summaries, warnings and errors
+# what a user asked to see (methods, stats inspect, a dry run): stdout, to pipe or grep
+listing = Console(soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"mergesmith {version('mergesmith')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("mergesmith (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (anywhere on the "
+                                     "command line).")) -> None:
+    """Merge fine-tuned checkpoints of one architecture into one model."""
 
 
 def _gb(n: int) -> str:
@@ -41,22 +63,37 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
           output: Path = typer.Argument(..., help="Directory to write the merged model to."),
           device: str = typer.Option("cpu", help="Where the arithmetic runs: cpu, cuda, cuda:1."),
           max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 200MB."),
-          overwrite: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+          overwrite: bool = typer.Option(False, help="Replace OUTPUT if a previous mergesmith merge wrote it "
+                                         "(never a directory mergesmith did not write)."),
           seed: int = typer.Option(0, help="Seed for random methods (DARE): same seed, same model."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan (tensors, "
+                                       "methods, bytes, peak memory) without reading a tensor or writing."),
+          allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge weights that hold NaN or "
+                                               "infinite values (an error by default)."),
           quiet: bool = typer.Option(False, help="No progress bar or summary.")) -> None:
-    """Merge the models a RECIPE names into OUTPUT_DIR (a Hugging Face model directory)."""
+    """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory)."""
     from mergesmith.merge import merge as run_merge
 
+    if dry_run:
+        _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size)
+        return
     _reuse_freed_memory()
     progress = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
                         TimeElapsedColumn(), TextColumn("{task.fields[name]}"), console=console,
-                        disable=quiet, transient=True)
-    with progress:
-        task = progress.add_task("merge", total=None, name="")
+                        disable=quiet or not console.is_terminal, transient=True)  # no bars in a log file
+    task = progress.add_task("merge", total=None, name="")
+
+    def planned(plan) -> None:  # noqa: ANN001 — the bar appears once the plan holds, not over its errors
+        progress.update(task, total=len(plan.jobs))
+        progress.start()
+
+    try:
         summary = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
-                            seed=seed,
-                            on_plan=lambda plan: progress.update(task, total=len(plan.jobs)),
-                            on_tensor=lambda job: progress.update(task, advance=1, name=job.name))
+                            seed=seed, allow_nonfinite=allow_nonfinite, on_plan=planned,
+                            on_tensor=lambda job: progress.update(task, advance=1, name=job.name),
+                            on_notice=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
+    finally:
+        progress.stop()
     if quiet:
         return
     table = Table(show_header=False, box=None, padding=(0, 2))
@@ -76,6 +113,32 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
         console.print(solver_table(summary.solver))
 
 
+def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str) -> None:
+    """Every check of a merge, then its plan on stdout; nothing is read beyond headers, nothing written."""
+    from mergesmith.execute import peak_rss_bytes
+    from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
+    from mergesmith.merge import check_merge
+
+    limit = parse_size(max_shard_size)
+    plan = check_merge(recipe, output, overwrite=overwrite)
+    size = plan.size()
+    shards = shard_layout([OutputTensor(o.name, o.shape, o.out_dtype) for j in plan.jobs for o in j.outputs], limit)
+    rows = [("method", plan.method.name), ("models", ", ".join(s.name for s in plan.sources)),
+            ("tensors", f"{size.tensors} (" + ", ".join(f"{n} {m}" for m, n in sorted(size.by_method.items())) + ")")]
+    if plan.fallback:
+        rows.append(("without statistics", f"{len(plan.fallback)} tensors would take the method's fallback"))
+    verb = "replace" if output.exists() and any(output.iterdir()) else "create"
+    rows += [("to read", _gb(size.bytes_read)),
+             ("to write", f"{_gb(size.bytes_written)} in {len(shards)} shard(s) of at most {max_shard_size}"),
+             ("peak memory", f"at most {_gb(size.peak_bound(peak_rss_bytes()))} (the largest job reads "
+                             f"{_gb(size.largest_read)}; see the README's Safety section)"),
+             ("output", f"would {verb} {output}")]
+    listing.print(f"dry run of {recipe}: every check passed; nothing was read beyond headers or written",
+                  highlight=False)
+    for key, value in rows:
+        listing.print(f"  {key + ':':<20}{escape(value)}", highlight=False)
+
+
 def solver_table(reports: dict[str, dict], shown: int = 40) -> Table:
     """Conjugate gradient per block: iterations and relative residuals, worst final residual first."""
     worst = sorted(reports.items(), key=lambda item: -item[1]["final_residual"])
@@ -91,14 +154,26 @@ def solver_table(reports: dict[str, dict], shown: int = 40) -> Table:
 
 
 @app.command()
-def methods() -> None:
-    """List the merge methods and their parameters."""
+def methods(name: str = typer.Argument(None, help="One method to describe (default: all).")) -> None:
+    """List the merge methods with each parameter's default, range and meaning."""
     from mergesmith.methods import get_method, method_names
 
-    for name in method_names():
-        spec = get_method(name)
-        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}" for p in spec.params)
-        console.print(f"[bold]{name}[/bold]  {spec.summary}\n    parameters: {params}  (* per model)")
+    for method in [name] if name else method_names():
+        spec = get_method(method)
+        listing.print(f"[bold]{spec.name}[/bold]  {escape(spec.summary)}", highlight=False)
+        base = {"required": "needs a base_model", "optional": "base_model optional", "ignored": "no base_model"}
+        listing.print(f"    {base[spec.base]}" + (f"; {spec.reference}" if spec.reference else ""), highlight=False)
+        for p in spec.params:
+            scope = "per model" if p.per_model else "global"
+            listing.print(f"    {p.name} ({scope}): default {_shown(p.default)}, {p.range_text}", highlight=False)
+            if p.help:
+                listing.print(f"        {escape(p.help)}", highlight=False)
+
+
+def _shown(value: object) -> str:
+    from mergesmith.methods.registry import REQUIRED
+
+    return "(required)" if value is REQUIRED else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @app.command()
@@ -291,26 +366,122 @@ def stats_inspect(source: Path = typer.Argument(..., help="A sidecar directory."
     for key in sorted(reader.keys()):
         tensor = reader.get(key)
         table.add_row(key, str(tuple(tensor.shape)), str(reader.counts[key]), f"{tensor.mean().item():.3e}")
-    console.print(table)
+    listing.print(table)
+    from mergesmith.statistics import Sidecar
+
+    for module, entry in sorted(Sidecar(str(source), reader).skipped.items()):
+        listing.print(f"skipped at measure time: {module} ({', '.join(entry['kinds'])}): {entry['reason']}",
+                      highlight=False)
 
 
-def main() -> None:
-    """Entry point: a MergeError is one line on stderr and exit status 2, never a traceback."""
+class Terminated(BaseException):
+    """Ctrl-C, SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` and temporary
+    directory cleanup runs. A BaseException, so that no ``except Exception`` swallows it, and not a
+    KeyboardInterrupt, which typer would turn into a silent exit."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+def _raise_terminated(signal_number: int, _frame: object) -> None:
+    raise Terminated(signal_number)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Every warning is one ``warning:`` line on stderr (ours say what to do; others keep their source)."""
+    from mergesmith.errors import MergeWarning
+
+    where = "" if issubclass(category, MergeWarning) else f" ({Path(filename).name}:{lineno})"
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}{where}", highlight=False, soft_wrap=True)
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """click's exception module, and typer's vendored copy of click where this typer has one."""
+    import importlib
+
+    found = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return tuple(found)
+
+
+def _error_line(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point and error contract: a user error (MergeError, a usage error) is one line on stderr and
+    exit 2; Ctrl-C exits 130, SIGTERM 143 (SIGHUP 129) after the unfinished output is removed; any other
+    exception is a bug in mergesmith: one line and exit 1. ``--debug`` (anywhere) shows the traceback."""
+    import signal
+    import warnings
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, _raise_terminated) for number in handled}
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        app(standalone_mode=False)
-    except MergeError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; nothing was written to the output path")
-        sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
+        _run(args, debug)
+    finally:  # for callers that go on (tests, a Python session): their handlers back
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        warnings.showwarning = shown
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def _run(args: list[str], debug: bool) -> None:
+    import signal
+    import traceback
+
+    modules = _click_exceptions()
+
+    def of(name: str) -> tuple[type, ...]:
+        return tuple(getattr(m, name) for m in modules if hasattr(m, name))
+
+    try:
+        code = app(args=args, prog_name="mergesmith", standalone_mode=False)
+    except MergeError as e:
+        if debug:
+            traceback.print_exc()
+        _error_line(str(e))
+        sys.exit(2)
+    except (KeyboardInterrupt, Terminated, *of("Abort")) as e:
+        cause = e.__cause__ if isinstance(e, of("Abort")) else e
+        number = cause.signal_number if isinstance(cause, Terminated) else signal.SIGINT
+        _interrupted(number)
+    except of("NoArgsIsHelpError") as e:  # bare `mergesmith` or `mergesmith stats`: the help, on stdout
+        typer.echo(e.ctx.get_help())
+        sys.exit(0)
+    except of("ClickException") as e:  # a misspelt option, a missing argument, a bad value
+        if debug:
+            traceback.print_exc()
+        context = getattr(e, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if context is not None else ""
+        _error_line(" ".join(e.format_message().split()) + hint)
+        sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except Exception as e:  # noqa: BLE001 — a bug: say so in one line, never as the user's mistake
+        if debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        _error_line(f"internal error ({type(e).__name__}: {first}); this is a bug in mergesmith — rerun with "
+                    f"--debug for the traceback and please report it")
+        sys.exit(1)
+    if code == 128 + signal.SIGINT:  # typer's own answer to a KeyboardInterrupt it caught
+        _interrupted(signal.SIGINT)
+    sys.exit(code or 0)
+
+
+def _interrupted(number: int) -> None:
+    import signal
+
+    name = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
+    _error_line(f"interrupted ({name}); the unfinished output was removed and nothing was written")
+    sys.exit(128 + number)
 
 
 if __name__ == "__main__":

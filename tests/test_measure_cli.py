@@ -215,7 +215,7 @@ def test_cli_sharded_sidecar_measure_inspect_combine(llama, jsonl, tmp_path, run
 
     inspect = run_cli("stats", "inspect", tmp_path / "sharded")
     assert inspect.code == 0, inspect.stderr
-    assert f"{len(shards)} shards" in inspect.stderr and "gram/model.layers.1.mlp.down_proj" in inspect.stderr
+    assert f"{len(shards)} shards" in inspect.stdout and "gram/model.layers.1.mlp.down_proj" in inspect.stdout
 
     # combine a sharded sidecar (first two texts) with a single-file one (the rest): count-weighted means
     half = tmp_path / "half.jsonl"

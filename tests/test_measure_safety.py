@@ -365,6 +365,14 @@ def test_a_sidecar_records_what_was_skipped_and_why(bounded):
     assert {"gram/lm_head", "fisher/lm_head.weight", "kfac_g/model.layers.0.mlp.down_proj"} <= keys
 
 
+def test_stats_inspect_lists_what_was_skipped(bounded, run_cli):
+    result = run_cli("stats", "inspect", bounded["s-ft1"])
+    assert result.code == 0, result.stderr
+    assert ("skipped at measure time: lm_head (kfac_a, kfac_g): kfac: kfac_g would be 100×100 float32 = 40.0 KB, "
+            "over --max-factor-size 20KB") in result.stdout
+    assert "skipped at measure time: model.layers.1.mlp.down_proj (fisher, gram, kfac_a, kfac_g)" in result.stdout
+
+
 @pytest.mark.parametrize("method,parameters,fallback", [
     ("mats", {"precision": "kfac", "init": "average", "tol": 1e-7, "damping": 1e-2},
      ["lm_head.weight", "model.layers.1.mlp.down_proj.weight"]),
