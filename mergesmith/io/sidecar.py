@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mergesmith.errors import MergeError, StatisticsError, did_you_mean
+from mergesmith.errors import MergeError, MergeWarning, StatisticsError, did_you_mean
 from mergesmith.io.checkpoint import SafetensorsHeader, contained_file, quote_name, read_json, safetensors_header
-from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
+from mergesmith.io.writer import PARTIAL, OutputTensor, clean_leftovers, mark_partial, parse_size, shard_layout
 
 FORMAT = "mergesmith-stats/1"
 FILENAME = "stats.safetensors"
@@ -135,6 +136,8 @@ def _write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(20, "it exists and is not a directory")
     existing = directory.is_dir()
+    # what a killed run left: .<name>.tmp-<pid> beside a new sidecar, .stats.tmp-<pid> inside an existing one
+    clean_leftovers(directory / "stats" if existing else directory.absolute(), _say_removed)
     if existing:
         staging = directory / f".stats.tmp-{os.getpid()}"
     else:
@@ -142,12 +145,14 @@ def _write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
         staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    mark_partial(staging)
     try:
         write(staging)
         if not existing:
             staging.rename(directory)
+            (directory / PARTIAL).unlink()
             return
-        written = {p.name for p in staging.iterdir()}
+        written = {p.name for p in staging.iterdir()} - {PARTIAL}
         stale = _sidecar_files(directory) - written
         entry = INDEX if INDEX in written else FILENAME
         for name in sorted(written - {entry}) + [entry]:
@@ -156,6 +161,10 @@ def _write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
             (directory / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _say_removed(line: str) -> None:
+    warnings.warn(MergeWarning(line), stacklevel=3)
 
 
 def _entry_file(path: Path) -> Path:

@@ -136,6 +136,13 @@ def clean_leftovers(target: Path, log: Callable[[str], None] | None = None) -> N
                     log(f"removed {folder}, an output an interrupted --overwrite had replaced")
 
 
+def mark_partial(folder: Path) -> None:
+    """Say in ``folder`` that this process is writing it, so that a later run can tell our leftover from a
+    live run's folder and from anything that is not ours (``clean_leftovers``)."""
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+    (folder / PARTIAL).write_text(json.dumps(owner))
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False, *, inputs: Collection[Path] = (),
                       log: Callable[[str], None] | None = None) -> Iterator[Path]:
@@ -154,8 +161,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False, *, inputs: Co
     temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-    (temporary / PARTIAL).write_text(json.dumps(owner))
+    mark_partial(temporary)
     try:
         yield temporary
         files = sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*")
