@@ -4,18 +4,29 @@ Parameters may be a scalar, a *gradient* (a list of numbers interpolated over la
 ``{filter, value}`` conditions (the first whose ``filter`` is a substring of the tensor name wins; a
 missing filter or ``"*"`` matches everything). Values set on a model (or slice source) take precedence over
 the slice's, which take precedence over the recipe's global ``parameters``.
+
+Numbers are read as mergekit ends up reading them (docs/recipes.md, "How numbers are read"): YAML 1.1 as
+PyYAML reads it, plus the YAML 1.2 floats that YAML 1.1 leaves as strings (``1e-3``, ``5e2``, ``-.5``),
+and a quoted number where the method declares a number. Every parameter value is checked against the
+method's declaration when the recipe is read, so a wrong type or an out-of-range value is reported with the
+recipe's line, before any checkpoint is opened.
 """
 
 from __future__ import annotations
 
+import re
+import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 
-from mergesmith.errors import MergeError, did_you_mean
+from mergesmith.errors import RecipeError, did_you_mean
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,12 +39,264 @@ UNSUPPORTED = {
     "residual_weight": "'residual_weight' on slices",
 }
 
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 40, 40, 6, 4, 3
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages (a value may be a huge or aliased YAML structure)."""
+    return _short.repr(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers
+
+_DIGITS = r"[0-9]+(?:_[0-9]+)*"
+_DECIMAL = re.compile(rf"[-+]?(?:{_DIGITS}(?P<point>\.(?:{_DIGITS})?)?|(?P<lead>\.){_DIGITS})"
+                      rf"(?P<exponent>[eE][-+]?[0-9]+)?", re.ASCII)
+
+
+def parse_number(text: str) -> int | float | None:
+    """The number a quoted string spells, or None: decimal digits with an optional sign, point, exponent
+    and ``_`` between digits (``"0.5"``, ``" 1e-3 "``, ``"1_000"``, ``"-.5"``), surrounding spaces allowed.
+    An integer when there is neither a point nor an exponent. This is what mergekit's pydantic validation
+    accepts for a float parameter, minus its odd cases (``"1._5"``); ``"inf"`` and ``"nan"`` are not numbers
+    here, since no parameter accepts them."""
+    text = text.strip()
+    match = _DECIMAL.fullmatch(text)
+    if match is None:
+        return None
+    if match["point"] or match["lead"] or match["exponent"]:
+        return float(text.replace("_", ""))  # a huge exponent gives inf, which every range refuses
+    digits = text.replace("_", "")
+    return int(digits) if len(digits) < 400 else float(digits)  # int() refuses > 4300 digits
+
+
+# YAML 1.2 core-schema floats that YAML 1.1, and so PyYAML, reads as strings: an exponent without a point or
+# without a sign (1e-3, 5e2, 1E3, 1.0e3, .5e1) and a signed leading point (-.5, +.5). Every other scalar
+# resolves as yaml.safe_load resolves it, mergekit's reader: `1_000` and `+1` are ints, `yes`/`no`/`on`/`off`
+# are booleans, `010` is octal 8, `0x10` is 16 and `1:30` is 90 (sexagesimal).
+_YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+
+                               |[-+]\.[0-9][0-9_]*)$""", re.X)
+
+MAX_DEPTH = 40  # nesting of collections, aliases expanded; a real recipe uses fewer than 10 levels
+MAX_VALUES = 100_000  # scalars and collections, aliases expanded (an alias "bomb" stops here)
+
+
+class _DuplicateKey(ConstructorError):
+    pass
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (YAML 1.1, no code execution) with YAML 1.2's exponent floats, duplicate keys as
+    errors (PyYAML keeps the last silently), bounded nesting and alias expansion, and every construction
+    failure reported as a YAML error with its position. ``positions`` maps the id of each mapping and list
+    it builds to the positions of its keys or items, for errors found later (see ``locate``)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open_anchors: set[str] = set()
+        self.positions: dict[int, tuple[Any, dict[Any, Any] | list[Any]]] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise ComposerError(None, None, f"alias *{event.anchor} is used inside its own anchor "
+                                    f"(a recursive value)", event.start_mark)
+            return super().compose_node(parent, index)
+        if not isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise ComposerError(None, None, f"values nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        anchor = event.anchor
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open_anchors.discard(anchor)
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        values, depth = _expanded_size(node)
+        if values > MAX_VALUES:
+            raise ComposerError(None, None, f"the document expands to more than {MAX_VALUES} values (through "
+                                f"aliases)", node.start_mark)
+        if depth > MAX_DEPTH:
+            raise ComposerError(None, None, f"values nested more than {MAX_DEPTH} levels deep (through "
+                                f"aliases)", node.start_mark)
+        return node
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        if not isinstance(node, yaml.ScalarNode) or node in self.constructed_objects:
+            return super().construct_object(node, deep)
+        try:  # a scalar that its (explicit or implicit) tag cannot build: `!!int x`, `2001-13-45`
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise ConstructorError(None, None, f"cannot read {short(node.value)} as {tag} ({e})",
+                                   node.start_mark) from None
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: later keys override, rightly
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader reports the unhashable key
+                if key in first:
+                    raise _DuplicateKey(None, None, f"duplicate key {short(key)} (first on line "
+                                        f"{first[key].line + 1}); YAML would keep only the last, remove one",
+                                        key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+    def construct_recipe_map(self, node: Any) -> Iterator[dict]:
+        data: dict = {}
+        yield data
+        data.update(self.construct_mapping(node))
+        keys = {}
+        for key_node, _ in node.value:
+            key = self.constructed_objects.get(key_node)
+            try:
+                keys[key] = key_node.start_mark  # merged (<<) keys come first, explicit ones override them
+            except TypeError:
+                pass
+        self.positions[id(data)] = (node.start_mark, keys)
+
+    def construct_recipe_seq(self, node: Any) -> Iterator[list]:
+        data: list = []
+        yield data
+        data.extend(self.construct_sequence(node))
+        self.positions[id(data)] = (node.start_mark, [item.start_mark for item in node.value])
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+RecipeLoader.add_constructor("tag:yaml.org,2002:map", RecipeLoader.construct_recipe_map)
+RecipeLoader.add_constructor("tag:yaml.org,2002:seq", RecipeLoader.construct_recipe_seq)
+
+
+def _expanded_size(root: Any) -> tuple[int, int]:
+    """(values, depth) of a node graph with every alias expanded, without expanding it: post-order over
+    the (acyclic) graph, memoised by node, iterative so that chained aliases cannot exhaust the stack."""
+    def children(node: Any) -> list[Any]:
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        return []
+
+    memo: dict[int, tuple[int, int]] = {}
+    stack = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        if ready:
+            sizes = [memo[id(c)] for c in children(node)]
+            memo[id(node)] = (1 + sum(s[0] for s in sizes), 1 + max((s[1] for s in sizes), default=0))
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node) if id(c) not in memo)
+    return memo[id(root)]
+
+
+def _position(mark: Any) -> str:
+    return f" line {mark.line + 1}, column {mark.column + 1}"
+
+
+def load_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[int, Any]]:
+    """Parse recipe text with ``RecipeLoader``: the data and the positions of its mappings and lists. A
+    syntax error is a RecipeError naming ``source``, the line and the column."""
+    loader = None
+    try:
+        loader = RecipeLoader(text)
+        return loader.get_single_data(), loader.positions
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or e.context or "unreadable"
+        if isinstance(e, _DuplicateKey):
+            raise RecipeError(f"recipe {source}{_position(mark)}: {problem}") from None
+        context = f" ({e.context})" if e.context and e.problem else ""
+        raise RecipeError(f"recipe {source}{_position(mark) if mark else ''}: invalid YAML: {problem}{context}"
+                          ) from None
+    except yaml.reader.ReaderError as e:  # a control character
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        character = e.character if isinstance(e.character, int) else ord(e.character)
+        raise RecipeError(f"recipe {source} line {line}, column {column}: invalid YAML: character "
+                          f"#x{character:04x} is not allowed ({e.reason})") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {source}: invalid YAML: {str(e).splitlines()[0]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def locate(data: Any, marks: dict[int, Any], loc: tuple) -> Any:
+    """The position of the value at ``loc`` (keys and indices from the top), or of the deepest part of it
+    that exists; None when unknown (data built in Python)."""
+    found = None
+    node = data
+    if id(node) in marks:
+        found = marks[id(node)][0]
+    for part in loc:
+        entry = marks.get(id(node))
+        if isinstance(node, dict) and isinstance(entry, tuple) and isinstance(entry[1], dict):
+            try:
+                if part not in node:
+                    break
+                found = entry[1].get(part, found)
+            except TypeError:
+                break
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            if isinstance(entry, tuple) and isinstance(entry[1], list):
+                found = entry[1][part]
+            node = node[part]
+        else:
+            break
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipe's structure
+
+
+class _Located(RecipeError):
+    """A recipe problem with the keys and indices of where it is, so that the reader can add the line."""
+
+    def __init__(self, message: str, loc: tuple = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _bracketed(loc: tuple) -> str:
+    """("slices", 0, "sources", 1) → "slices[0].sources[1]." (empty for the top level)."""
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return f"{text}." if text else ""
+
 
 def _reject_unsupported(data: Any, where: str) -> Any:
     if isinstance(data, dict):
         for key, what in UNSUPPORTED.items():
             if data.get(key) is not None:
-                raise MergeError(f"recipe: {what} at {where}'{key}' is not supported by mergesmith; remove the key")
+                message = f"{what} at {where}'{key}' is not supported by mergesmith; remove the key"
+                if where:  # inside a section: pydantic adds the section's position
+                    raise ValueError(message)
+                raise _Located(f"recipe: {message}", (key,))
     return data
 
 
@@ -73,7 +336,11 @@ class OutputSlice(_Strict):
 
 
 class Recipe(_Strict):
-    """A validated merge recipe (see the module docstring for parameter settings)."""
+    """A validated merge recipe (see the module docstring for parameter settings).
+
+    Every parameter value has been checked against the method's declaration (type, range) and numbers
+    given as strings are numbers here: ``density: "0.5"`` reads as 0.5.
+    """
 
     merge_method: str
     base_model: str | None = None
@@ -92,45 +359,70 @@ class Recipe(_Strict):
     def _shape(cls, data: Any) -> Any:
         data = _reject_unsupported(data, "")
         if isinstance(data, dict):
-            if isinstance(data.get("models"), list):  # mergekit accepts a bare string for a model entry
+            if isinstance(data.get("models"), list):  # a bare string for a model entry (mergekit 0.1.5 refuses it)
                 data = {**data, "models": [{"model": m} if isinstance(m, str) else m for m in data["models"]]}
             base = data.get("base_model")
             if isinstance(base, dict):
-                unknown = sorted(set(base) - {"model", "stats"})
+                unknown = sorted((k for k in base if k not in ("model", "stats")), key=str)
                 if unknown or not isinstance(base.get("model"), str):
-                    raise MergeError("recipe: base_model must be a path or {model: DIR, stats: DIR}"
-                                     + (f"; unknown key '{unknown[0]}'" if unknown else ""))
+                    raise _Located("recipe: base_model must be a path or {model: DIR, stats: DIR}"
+                                   + (f"; unknown key {short(unknown[0])}" if unknown else ""), ("base_model",))
                 data = {**data, "base_model": base["model"], "base_stats": base.get("stats")}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if (self.models is None) == (self.slices is None) or (self.models == [] or self.slices == []):
-            raise ValueError("exactly one of 'models' or 'slices' must be given, and it must not be empty")
+            raise _Located("recipe: exactly one of 'models' or 'slices' must be given, and it must not be empty")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
-                raise ValueError(f"'{key}: {value}' is not a dtype{did_you_mean(value, DTYPES)}")
+                raise _Located(f"recipe: '{key}: {value[:40]}' is not a dtype{did_you_mean(value, DTYPES)}", (key,))
         models = {m.model for m in self.models or []} | {src.model for s in self.slices or [] for src in s.sources}
         if self.heads not in ("merge", "base", "each") and self.heads not in models:
-            raise ValueError(f"heads: '{self.heads}' must be merge, base, each, or one of the recipe's models")
+            raise _Located(f"recipe: heads: {short(self.heads)} must be merge, base, each, or one of the recipe's "
+                           f"models", ("heads",))
         if self.heads == "base" and self.base_model is None:
-            raise ValueError("heads: base needs a base_model")
+            raise _Located("recipe: heads: base needs a base_model", ("heads",))
         if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union (vocabulary merging) is not supported; use 'base' or a model")
-        for where, params in self.parameter_scopes():
-            for name, setting in params.items():
-                check_setting(setting, f"{where}parameters.{name}")
+            raise _Located("recipe: tokenizer_source: union (vocabulary merging) is not supported; use 'base' or "
+                           "a model", ("tokenizer_source",))
+        self._check_parameters()
         return self
 
+    def _check_parameters(self) -> None:
+        """Check every parameter setting against the method's declaration, and store each value as the
+        method will use it (a quoted number becomes the number, an int for a float parameter a float)."""
+        from mergesmith.methods import get_method, method_names
+
+        if self.merge_method not in method_names():
+            raise _Located(f"recipe: unknown merge_method {short(self.merge_method)}"
+                           f"{did_you_mean(self.merge_method, method_names())}", ("merge_method",))
+        method = get_method(self.merge_method)
+        for loc, params, per_model in self._parameter_dicts():
+            where = f"recipe: {_dotted(loc)}"
+            for name in list(params):
+                try:
+                    method.check_keys([name], where, per_model=per_model)
+                except RecipeError as e:
+                    raise _Located(str(e), (*loc, name)) from None
+                check_setting(params[name], f"{where}.{name}", (*loc, name))
+                params[name] = _checked_setting(params[name], method.param(name), where, (*loc, name))
+
     def parameter_scopes(self) -> list[tuple[str, dict[str, Any]]]:
-        scopes = [("", self.parameters or {})]
+        """(where, parameters) for every ``parameters`` mapping, global first: where is "", "models[0].",
+        "slices[0].", "slices[0].sources[1]."."""
+        return [(_bracketed(loc[:-1]), params) for loc, params, _ in self._parameter_dicts()]
+
+    def _parameter_dicts(self) -> list[tuple[tuple, dict[str, Any], bool]]:
+        """(position, parameters, per model) for every ``parameters`` mapping, global first."""
+        scopes = [(("parameters",), self.parameters or {}, False)]
         for i, m in enumerate(self.models or []):
-            scopes.append((f"models[{i}].", m.parameters or {}))
+            scopes.append((("models", i, "parameters"), m.parameters or {}, True))
         for i, s in enumerate(self.slices or []):
-            scopes.append((f"slices[{i}].", s.parameters or {}))
+            scopes.append((("slices", i, "parameters"), s.parameters or {}, False))
             for j, src in enumerate(s.sources):
-                scopes.append((f"slices[{i}].sources[{j}].", src.parameters or {}))
+                scopes.append((("slices", i, "sources", j, "parameters"), src.parameters or {}, True))
         return scopes
 
     @property
@@ -145,31 +437,53 @@ class Recipe(_Strict):
 _SCALARS = (bool, int, float, str)
 
 
-def check_setting(setting: Any, where: str) -> None:
+def check_setting(setting: Any, where: str, loc: tuple = ()) -> None:
     """Reject a parameter setting that is not a scalar, a gradient list or a list of {filter, value}."""
     if isinstance(setting, _SCALARS):
         return
+    if setting is None:
+        raise _Located(f"{where}: has no value", loc)
     if isinstance(setting, dict):
-        setting = [setting]
+        _check_condition(setting, where, loc)
+        return
     if isinstance(setting, list) and setting:
         if all(isinstance(v, _SCALARS) for v in setting):
             return
-        for condition in setting:
+        for i, condition in enumerate(setting):
             if not isinstance(condition, dict):
-                raise MergeError(f"recipe: {where}: expected {{filter, value}} conditions, got {condition!r}")
-            unknown = set(condition) - {"filter", "value"}
-            if unknown:
-                key = sorted(unknown)[0]
-                raise MergeError(f"recipe: {where}: unknown key '{key}' in a condition"
-                                 f"{did_you_mean(key, ['filter', 'value'])}")
-            if "value" not in condition:
-                raise MergeError(f"recipe: {where}: each condition needs a 'value' (and optionally a 'filter')")
-            if condition.get("filter") is not None and not isinstance(condition["filter"], str):
-                raise MergeError(f"recipe: {where}: 'filter' must be a string")
-            check_setting(condition["value"], where)
+                raise _Located(f"{where}: expected {{filter, value}} conditions, got {short(condition)}", (*loc, i))
+            _check_condition(condition, where, (*loc, i))
         return
-    raise MergeError(f"recipe: {where}: expected a number, true/false, a string, a list of numbers (a "
-                     f"gradient over layers) or a list of {{filter, value}}, got {setting!r}")
+    raise _Located(f"{where}: expected a number, true/false, a string, a list of numbers (a gradient over "
+                   f"layers) or a list of {{filter, value}}, got {short(setting)}", loc)
+
+
+def _check_condition(condition: dict, where: str, loc: tuple) -> None:
+    unknown = sorted((k for k in condition if k not in ("filter", "value")), key=str)
+    if unknown:
+        raise _Located(f"{where}: unknown key {short(unknown[0])} in a condition"
+                       f"{did_you_mean(str(unknown[0]), ['filter', 'value'])}", (*loc, unknown[0]))
+    if "value" not in condition:
+        raise _Located(f"{where}: each condition needs a 'value' (and optionally a 'filter')", loc)
+    if condition.get("filter") is not None and not isinstance(condition["filter"], str):
+        raise _Located(f"{where}: 'filter' must be a string, got {short(condition['filter'])}", (*loc, "filter"))
+    check_setting(condition["value"], where, (*loc, "value"))
+
+
+def _checked_setting(setting: Any, param: Any, where: str, loc: tuple) -> Any:
+    """``setting`` (already shaped by ``check_setting``) with every scalar validated by ``param``. Every value
+    a gradient interpolates lies between two of its entries, so checking the entries checks the range."""
+    if isinstance(setting, _SCALARS):
+        if isinstance(setting, str) and param.numeric and setting not in param.words:
+            number = parse_number(setting)  # a quoted number, as mergekit's float() of it
+            setting = setting if number is None else number
+        try:
+            return param.validate(setting, where)
+        except RecipeError as e:
+            raise _Located(str(e), loc) from None
+    if isinstance(setting, dict):
+        return {**setting, "value": _checked_setting(setting["value"], param, where, (*loc, "value"))}
+    return [_checked_setting(v, param, where, (*loc, i)) for i, v in enumerate(setting)]
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -210,19 +524,20 @@ def resolve(scopes: list[dict[str, Any] | None], tensor_name: str, t: float) -> 
     return values
 
 
-def _describe(error: ValidationError, data: Any) -> str:
+def _describe(error: ValidationError) -> tuple[str, tuple]:
     errors = error.errors()
     # a misspelt required key shows up twice: as "missing" and as "extra"; the extra one names the typo
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    location = ".".join(str(p) for p in first["loc"])
+    loc = tuple(first["loc"])
+    location = _dotted(loc)
     if first["type"] == "extra_forbidden":
-        key = str(first["loc"][-1])
-        owner = _owner_fields(first["loc"][:-1])
-        return f"recipe: unknown key '{location}'{did_you_mean(key, owner)}"
+        key = str(loc[-1])
+        owner = _owner_fields(loc[:-1])
+        return f"recipe: unknown key '{location}'{did_you_mean(key, owner)}", loc
     if first["type"] == "missing":
-        return f"recipe: missing required key '{location}'"
+        return f"recipe: missing required key '{location}'", loc[:-1]
     message = first["msg"].removeprefix("Value error, ")
-    return f"recipe: {location + ': ' if location else ''}{message}"
+    return f"recipe: {location + ': ' if location else ''}{message}", loc
 
 
 _SECTION_MODELS: dict[str, type[BaseModel]] = {"models": ModelEntry, "slices": OutputSlice,
@@ -237,32 +552,56 @@ def _owner_fields(path: tuple) -> list[str]:
     return list(owner.model_fields)
 
 
-def parse_recipe(data: Any) -> Recipe:
-    """Validate a recipe given as a dict (or a Recipe); every problem is one MergeError line."""
+def _parse(data: Any) -> Recipe:
+    """parse_recipe, raising ``_Located`` errors (with the position of the problem in ``data``)."""
     if isinstance(data, Recipe):
         return data
+    if data is None:
+        raise _Located("recipe: the recipe is empty; it needs at least merge_method and models (or slices)")
     if not isinstance(data, dict):
-        raise MergeError("recipe: expected a mapping at the top level (merge_method, models, ...)")
+        raise _Located("recipe: expected a mapping at the top level (merge_method, models, ...), got "
+                       f"{short(data)}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         cause = e.errors()[0].get("ctx", {}).get("error")
-        if isinstance(cause, MergeError):
+        if isinstance(cause, _Located):
             raise cause from None
-        raise MergeError(_describe(e, data)) from None
+        message, loc = _describe(e)
+        raise _Located(message, loc) from None
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """Validate a recipe given as a dict (or a Recipe); every problem is one RecipeError line."""
+    try:
+        return _parse(data)
+    except _Located as e:  # a plain RecipeError for the caller (no positions in a dict)
+        raise RecipeError(str(e)) from None
+
+
+def loads_recipe(text: str, source: str = "<string>") -> Recipe:
+    """Read a recipe from YAML text; errors name ``source`` and, where known, the line and column."""
+    data, marks = load_yaml(text, source)
+    try:
+        return _parse(data)
+    except RecipeError as e:
+        mark = locate(data, marks, getattr(e, "loc", ()))
+        message = str(e).removeprefix("recipe: ")
+        raise RecipeError(f"recipe {source}{_position(mark) if mark else ''}: {message}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file (UTF-8 YAML); every problem is one RecipeError line naming the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise MergeError(f"recipe {path} not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise MergeError(f"recipe {path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise RecipeError(f"recipe {path} not found") from None
+    except OSError as e:
+        raise RecipeError(f"recipe {path} cannot be read: {e.strerror or e}") from None
     try:
-        return parse_recipe(data)
-    except MergeError as e:
-        raise MergeError(f"{path}: {e}") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save it as "
+                          f"UTF-8") from None
+    return loads_recipe(text, str(path))

@@ -19,7 +19,8 @@ from mergesmith.errors import MergeError
 from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
 
-WEIGHT = Param("weight", float, 1.0, per_model=True, help="model weight λ_i")
+WEIGHT = Param("weight", float, 1.0, per_model=True, interval=(-float("inf"), float("inf")),
+               help="model weight λ_i")
 Stats = Sequence[dict[str, Any]]
 
 
@@ -171,9 +172,11 @@ def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str
     Param("precision", str, "kfac", choices=("identity", "fisher", "gram", "kfac"), help="the precision C_i"),
     Param("init", str, "task_arithmetic", choices=("task_arithmetic", "average", "base"),
           help="where conjugate gradient starts"),
-    Param("lambda", float, 1.0, arg="scale", help="task-arithmetic scale λ of the starting point"),
-    Param("max_iters", int, 100, interval=(0, 1e9), help="conjugate-gradient iterations at most"),
-    Param("tol", float, 1e-4, interval=(0.0, 1.0), help="relative residual to stop at"),
+    Param("lambda", float, 1.0, arg="scale", interval=(-float("inf"), float("inf")),
+          help="task-arithmetic scale λ of the starting point"),
+    Param("max_iters", int, 100, interval=(1, float("inf")), help="conjugate-gradient iterations at most"),
+    Param("tol", float, 1e-4, interval=(0.0, 1.0), open_low=True, open_high=True,
+          help="relative residual ‖b − Mx‖/‖b‖ to stop at"),
     Param("preconditioner", bool, True, help="precondition CG with the mean factors' Kronecker product"),
     Param("damping", float, 1e-3, interval=(0.0, float("inf")),
           help="K-FAC damping δ: each factor F gets δ·mean(diag F) added to its diagonal"),

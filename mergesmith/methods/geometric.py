@@ -31,7 +31,8 @@ def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.
     return (math.sin((1 - t) * theta) / sin_theta) * v0 + (math.sin(t * theta) / sin_theta) * v1
 
 
-@register("slerp", params=[Param("t", float, help="interpolation position: 0 gives the base, 1 the other model")],
+@register("slerp", params=[Param("t", float, interval=(0.0, 1.0),
+                                 help="interpolation position: 0 gives the base, 1 the other model")],
           min_models=1, max_models=1, reference="Shoemake 1985; mergekit")
 def slerp(base: Tensor, tensors: Sequence[Tensor], *, t: float) -> Tensor:
     """SLERP from the base (t = 0) to the single other model (t = 1), whole tensor at once (slerp_vectors)."""
@@ -60,7 +61,8 @@ def nuslerp_rows(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: b
 
 
 @register("nuslerp", base="optional", min_models=2, max_models=2,
-          params=[WEIGHT, Param("nuslerp_row_wise", bool, False), Param("nuslerp_flatten", bool, True)],
+          params=[WEIGHT, Param("nuslerp_row_wise", bool, False, help="interpolate each column, not each row"),
+                  Param("nuslerp_flatten", bool, True, help="interpolate the whole tensor as one vector")],
           reference="mergekit")
 def nuslerp(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], nuslerp_row_wise: bool,
             nuslerp_flatten: bool) -> Tensor:
@@ -74,7 +76,8 @@ def nuslerp(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[
     return base + nuslerp_rows(t, v0 - base, v1 - base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
 
 
-@register("model_stock", min_models=2, params=[Param("filter_wise", bool, False)], reference="arXiv:2403.19522")
+@register("model_stock", min_models=2, reference="arXiv:2403.19522",
+          params=[Param("filter_wise", bool, False, help="one interpolation ratio per row, not per tensor")])
 def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool) -> Tensor:
     """Model Stock: with N fine-tunes, cos θ = mean pairwise cosine of their task vectors (per row when
     ``filter_wise``), t = N cos θ / (1 + (N−1) cos θ), θ = t·mean(θ_i) + (1−t)·θ_0. Where the denominator
@@ -98,7 +101,9 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool) -
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
-@register("passthrough", base="ignored", max_models=1, params=[Param("scale", float, 1.0, per_model=True)])
+@register("passthrough", base="ignored", max_models=1,
+          params=[Param("scale", float, 1.0, per_model=True, interval=(-float("inf"), float("inf")),
+                        help="factor the copied tensor is multiplied by")])
 def passthrough(base: Tensor | None, tensors: Sequence[Tensor], *, scale: Sequence[float]) -> Tensor:
     """Copy the single input tensor, times ``scale``; with ``slices`` it stacks layers from several models."""
     return tensors[0] * scale[0] if scale[0] != 1 else tensors[0]

@@ -6,10 +6,13 @@ method functions may assume valid input.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mergesmith.config import short
 from mergesmith.errors import MergeError, RecipeError, did_you_mean
 
 REQUIRED: Any = object()
@@ -22,49 +25,100 @@ Validator = Callable[[dict[str, Any], bool, int], "str | None"]
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter. ``per_model`` parameters take one value per input model."""
+    """A method parameter. ``per_model`` parameters take one value per input model.
+
+    A number (``kind`` int or float) lies in ``interval``, closed unless ``open_low``/``open_high`` say that
+    a bound itself is refused; an infinite bound is always open, so every number must be finite, and NaN
+    lies in no interval. Types are strict: a number is an int or float, never a bool or a string (the
+    recipe reader turns a quoted number into the number before it gets here, see
+    ``mergesmith.config.parse_number``), and a boolean is True or False, never 1 or "true".
+    """
 
     name: str
     kind: type
     default: Any = REQUIRED
     per_model: bool = False
-    interval: tuple[float, float] | None = None  # closed bounds
+    interval: tuple[float, float] | None = None  # a number's bounds; closed unless open_low / open_high
     choices: tuple[Any, ...] | None = None
     help: str = ""
     arg: str = ""  # the Python keyword the function receives, when the recipe name is reserved ("lambda")
     words: tuple[str, ...] = ()  # strings a numeric parameter also accepts ("base" for a prior)
+    open_low: bool = False  # the lower bound is excluded: tol in (0, 1)
+    open_high: bool = False
 
     @property
     def argument(self) -> str:
         return self.arg or self.name
 
+    @property
+    def numeric(self) -> bool:
+        return self.kind in (int, float) and self.choices is None
+
+    @property
+    def range_text(self) -> str:
+        """The accepted values in words: "[0.0, 1.0]", "(0.0, inf)", "an integer in [1, inf)", "true or false"."""
+        if self.choices is not None:
+            return "one of " + ", ".join(_yaml_word(c) for c in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        if not self.numeric:
+            return "a string"
+        low, high = self.interval or (-math.inf, math.inf)
+        text = (f"{'(' if self.open_low or low == -math.inf else '['}{_bound(low)}, "
+                f"{_bound(high)}{')' if self.open_high or high == math.inf else ']'}")
+        text = f"an integer in {text}" if self.kind is int else text
+        return text + "".join(f" or '{w}'" for w in self.words)
+
+    def contains(self, number: float) -> bool:
+        """Whether ``number`` lies in the interval (NaN never does, nor an infinity)."""
+        if not math.isfinite(number):
+            return False
+        low, high = self.interval or (-math.inf, math.inf)
+        above = low < number if self.open_low else low <= number
+        below = number < high if self.open_high else number <= high
+        return above and below
+
     def validate(self, value: Any, where: str) -> Any:
-        """Coerce ``value`` to this parameter's type or raise a MergeError naming ``where``."""
+        """Coerce ``value`` to this parameter's type or raise a RecipeError naming ``where``."""
         if isinstance(value, str) and value in self.words:
             return value
         if self.choices is not None:
             # compare types too: 1 == True in Python, and a number must not pass as a boolean choice
             if not any(value == c and type(value) is type(c) for c in self.choices):
                 options = ", ".join(repr(c) for c in self.choices)
-                raise MergeError(f"{where}: '{self.name}' must be one of {options}, got {value!r}")
+                raise RecipeError(f"{where}: '{self.name}' must be one of {options}, got {short(value)}")
             return value
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise MergeError(f"{where}: '{self.name}' must be true or false, got {value!r}")
+                raise RecipeError(f"{where}: '{self.name}' must be true or false, got {short(value)}")
             return value
         if self.kind in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            number = value
+            if isinstance(number, bool) or not isinstance(number, numbers.Real):
                 also = "".join(f" or '{w}'" for w in self.words)
-                raise MergeError(f"{where}: '{self.name}' must be a number{also}, got {value!r}")
-            value = self.kind(value)
-            if self.interval is not None:
-                low, high = self.interval
-                if not low <= value <= high:
-                    raise MergeError(f"{where}: '{self.name}' must lie in [{low}, {high}], got {value}")
-            return value
+                raise RecipeError(f"{where}: '{self.name}' must be a number{also}, got {short(value)}")
+            try:
+                real = float(number)
+            except OverflowError:  # an integer beyond float's range
+                real = math.inf if number > 0 else -math.inf
+            if not self.contains(real):
+                raise RecipeError(f"{where}: '{self.name}' must lie in {self.range_text}, got {short(number)}")
+            if self.kind is int:
+                if not real.is_integer():
+                    raise RecipeError(f"{where}: '{self.name}' must be a whole number, got {short(number)}")
+                return int(number)
+            return real
         if not isinstance(value, self.kind):
-            raise MergeError(f"{where}: '{self.name}' must be a {self.kind.__name__}, got {value!r}")
+            raise RecipeError(f"{where}: '{self.name}' must be a {self.kind.__name__}, got {short(value)}")
         return value
+
+
+def _bound(value: float) -> str:
+    return "inf" if value == math.inf else "-inf" if value == -math.inf else str(value)
+
+
+def _yaml_word(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 BasePolicy = Literal["ignored", "required", "optional"]
@@ -113,14 +167,18 @@ class MergeMethod:
     def check_keys(self, keys: Any, where: str, per_model: bool) -> None:
         """Reject keys this method does not know (or knows only at the other scope)."""
         known = {p.name for p in self.params if p.per_model or not per_model}
+        global_only = {p.name for p in self.params if not p.per_model}
         for key in keys:
-            if per_model and key in {p.name for p in self.params if not p.per_model}:
-                raise MergeError(f"{where}: '{key}' is a global parameter of '{self.name}'; set it under the "
-                                 f"recipe's (or slice's) parameters, not a model's")
+            if per_model and key in global_only:
+                raise RecipeError(f"{where}: '{key}' is a global parameter of '{self.name}'; set it under the "
+                                  f"recipe's (or slice's) parameters, not a model's")
             if key not in known:
-                raise MergeError(
-                    f"{where}: unknown parameter '{key}' for method '{self.name}'{did_you_mean(key, known)}"
-                )
+                hint = did_you_mean(str(key), known)
+                if per_model and not hint.startswith(" (did you mean"):  # a misspelt global one, on a model?
+                    closest = did_you_mean(str(key), global_only)
+                    if closest.startswith(" (did you mean"):
+                        hint = f"{closest[:-1]} It is a global parameter: set it under the recipe's parameters)"
+                raise RecipeError(f"{where}: unknown parameter {short(key)} for method '{self.name}'{hint}")
 
 
     def check_inputs(self, has_base: bool, n_models: int, where: str) -> None:

@@ -29,9 +29,12 @@ from mergesmith.methods.sparsify import (
 # drops entries of τ_i in place (returns None), or returns a magnitude floor to apply later
 Sparsifier = Callable[[Tensor, int], "Tensor | None"]
 
-WEIGHT = Param("weight", float, 1.0, per_model=True, help="model weight w_i")
-DENSITY = Param("density", float, 1.0, per_model=True, interval=(0.0, 1.0), help="fraction of τ_i kept")
-LAMBDA = Param("lambda", float, 1.0, arg="scale", help="scale λ of the combined task vector")
+WEIGHT = Param("weight", float, 1.0, per_model=True, interval=(-float("inf"), float("inf")),
+               help="model weight w_i (negative subtracts the model's task vector)")
+DENSITY = Param("density", float, 1.0, per_model=True, interval=(0.0, 1.0),
+                help="fraction of τ_i kept (0 keeps none: the base; 1 keeps all)")
+LAMBDA = Param("lambda", float, 1.0, arg="scale", interval=(-float("inf"), float("inf")),
+               help="scale λ of the combined task vector")
 INT8_MASK = Param("int8_mask", bool, False, help="accepted for mergekit recipes; masks are boolean here")
 RESCALE_CHOICES = ("inverse_density", "l1", "none")
 
@@ -51,7 +54,8 @@ def _rescale_mode(rescale: bool | str, default_when_true: str) -> str:
     return rescale
 
 
-@register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True)], upcast_inputs=False,
+@register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True, help="divide by Σ w_i")],
+          upcast_inputs=False,
           validate=nonzero_weight_sum,
           reference="arXiv:2203.05482")
 def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
@@ -125,7 +129,8 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
     return merged
 
 
-@register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False), INT8_MASK],
+@register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False, help="divide by Σ w_i"),
+                                     INT8_MASK],
           upcast_inputs=False, validate=nonzero_weight_sum, reference="arXiv:2212.04089")
 def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], scale: float,
                     normalize: bool, int8_mask: bool) -> Tensor:
@@ -144,7 +149,9 @@ def _magnitude_trim(density: Sequence[float], rescale: str) -> Sparsifier:
     return trim
 
 
-@register("ties", params=[WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, True), _rescale_param("none"),
+@register("ties", params=[WEIGHT, DENSITY, LAMBDA,
+                          Param("normalize", bool, True, help="divide by the agreeing models' Σ w_i"),
+                          _rescale_param("none"),
                           INT8_MASK], upcast_inputs=False, reference="arXiv:2306.01708")
 def ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
          scale: float, normalize: bool, rescale: bool | str, int8_mask: bool) -> Tensor:
@@ -165,7 +172,8 @@ def _dare_drop(density: Sequence[float], rescale: str, generator: torch.Generato
     return drop
 
 
-DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False), _rescale_param("inverse_density"),
+DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False, help="divide by Σ w_i (agreeing ones: ties)"),
+               _rescale_param("inverse_density"),
                INT8_MASK]
 
 
@@ -191,8 +199,11 @@ def dare_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float
                              sparsify=drop)
 
 
-GAMMA = Param("gamma", float, 0.01, per_model=True, interval=(0.0, 1.0), help="fraction of outliers dropped")
-BREADCRUMB_PARAMS = [WEIGHT, DENSITY, GAMMA, LAMBDA, Param("normalize", bool, False), _rescale_param("none"),
+GAMMA = Param("gamma", float, 0.01, per_model=True, interval=(0.0, 1.0),
+              help="fraction of τ_i's largest entries dropped as outliers")
+BREADCRUMB_PARAMS = [WEIGHT, DENSITY, GAMMA, LAMBDA,
+                     Param("normalize", bool, False, help="divide by Σ w_i (agreeing ones: ties)"),
+                     _rescale_param("none"),
                      INT8_MASK]
 
 
