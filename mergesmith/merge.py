@@ -15,7 +15,7 @@ from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeError, MergeWarning, RecipeError
 from mergesmith.execute import MergeSummary, check_device, execute
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
-from mergesmith.io.checkpoint import CheckpointReader, StateDictReader
+from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file
 from mergesmith.io.sidecar import StatsReader
 from mergesmith.io.writer import (
     OutputTensor,
@@ -128,7 +128,8 @@ def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | No
     the reference model's (the base, else the first model), else the first input that has one, with a
     warning; ``tokenizer_source`` names a model whose tokenizer must exist."""
     directories = [getattr(source, "directory", None) for source in [plan.reference, *plan.sources]]
-    with_config = [d for d in directories if d is not None and (d / "config.json").exists()]
+    # contained_file: a config or tokenizer linked out of its model's directory is refused here, at plan time
+    with_config = [d for d in directories if d is not None and contained_file(d, "config.json")]
     config_dir = with_config[0] if with_config else None
     reference_dir = directories[0]
     if config_dir is not None and config_dir != reference_dir:
@@ -144,7 +145,7 @@ def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | No
         tokenizer_dir = getattr(base, "directory", None)
     else:
         tokenizer_dir = CheckpointReader(Path(recipe.tokenizer_source)).directory
-    has_tokenizer = tokenizer_dir is not None and any((tokenizer_dir / n).exists() for n in TOKENIZER_FILES)
+    has_tokenizer = tokenizer_dir is not None and any([contained_file(tokenizer_dir, n) for n in TOKENIZER_FILES])
     if recipe.tokenizer_source is not None and not has_tokenizer:
         where = "the base model" if recipe.tokenizer_source == "base" else f"'{recipe.tokenizer_source}'"
         raise RecipeError(f"recipe: tokenizer_source: {recipe.tokenizer_source}, but {where} has no tokenizer files "
@@ -194,8 +195,9 @@ def _write_kept_heads(plan: Plan, directory: Path) -> list[str]:
         save_file({k: sources[model].get(k).contiguous() for k in names}, str(folder / "model.safetensors"),
                   metadata={"format": "pt", "mergesmith_head_of": model})
         config = getattr(sources[model], "directory", None)
-        if config is not None and (config / "config.json").exists():
-            shutil.copyfile(config / "config.json", folder / "config.json")
+        config = contained_file(config, "config.json") if config is not None else None
+        if config is not None:
+            shutil.copyfile(config, folder / "config.json")
         written.append(str(Path("heads") / label / "model.safetensors"))
     return written
 

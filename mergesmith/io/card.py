@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from mergesmith.errors import CheckpointError
+from mergesmith.io.checkpoint import contained_file, read_json
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
                    "chat_template.jinja", "chat_template.json")
@@ -21,9 +24,12 @@ def write_config(source_dir: Path | None, output: Path, *, layers: tuple[int, in
                  dtype: torch.dtype | None) -> None:
     """Copy config.json (updating the layer count after layer stacking, and the dtype) and
     generation_config.json from ``source_dir``."""
-    if source_dir is None or not (source_dir / "config.json").exists():
+    source = contained_file(source_dir, "config.json") if source_dir is not None else None
+    if source is None:
         return
-    config = json.loads((source_dir / "config.json").read_text())
+    config = read_json(source, advice="fix or remove it")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: expected a JSON object (a model's config)")
     if layers is not None and layers[0] != layers[1]:
         for key in LAYER_COUNT_KEYS:
             if config.get(key) == layers[0]:
@@ -32,8 +38,9 @@ def write_config(source_dir: Path | None, output: Path, *, layers: tuple[int, in
         dtype_key = "dtype" if "dtype" in config else "torch_dtype"
         config[dtype_key] = _DTYPE_NAMES[dtype]
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if (source_dir / "generation_config.json").exists():
-        shutil.copy2(source_dir / "generation_config.json", output / "generation_config.json")
+    generation = contained_file(source_dir, "generation_config.json")
+    if generation is not None:
+        shutil.copyfile(generation, output / "generation_config.json")
 
 
 def copy_tokenizer(source_dir: Path | None, output: Path) -> list[str]:
@@ -42,8 +49,10 @@ def copy_tokenizer(source_dir: Path | None, output: Path) -> list[str]:
         return []
     copied = []
     for name in TOKENIZER_FILES:
-        if (source_dir / name).exists():
-            shutil.copy2(source_dir / name, output / name)
+        # a tokenizer file linked to a secret elsewhere must not end up in a model someone uploads
+        source = contained_file(source_dir, name)
+        if source is not None:
+            shutil.copyfile(source, output / name)
             copied.append(name)
     return copied
 
