@@ -59,10 +59,7 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
                       base_stats=per_input[0] if job.base is not None else {}, name=job.name)
         if job.method.reports:
             kwargs["report"] = report if report is not None else {}
-    try:
-        result = job.method.function(base, others, **kwargs)
-    except ValueError as e:  # the solver's message on a broken system (NaN, not positive semi-definite)
-        raise MergeError(f"merging '{job.name}': {e}") from None
+    result = job.method.function(base, others, **kwargs)
     if check_result and not all_finite(result):
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergesmith.errors import MergeWarning
+from mergesmith.errors import MergeWarning, StatisticsError
 
 # The jitter schedule for singular Cholesky factorisations, relative to mean(diag): 1e-10, 1e-9, ..., 1e-1.
 JITTER_EXPONENTS = tuple(range(-10, 0))
@@ -109,8 +109,8 @@ def solve_gram(gram: Tensor, rhs: Tensor, *, name: str = "") -> Tensor:
     wide = _wide_dtype(gram.device)
     factor, epsilon, failed = _cholesky_with_jitter(gram.to(wide))
     if bool(failed):
-        raise ValueError(f"{label}: the Gram matrix is not positive semi-definite (or has NaN/inf entries): "
-                         f"Cholesky failed even with 0.1·mean(diag) added to its diagonal")
+        raise StatisticsError(f"{label}: the Gram matrix is not positive semi-definite (or has NaN/inf entries): "
+                              f"Cholesky failed even with 0.1·mean(diag) added to its diagonal")
     if bool(epsilon > 0):
         warnings.warn(f"{label}: the Gram sum is singular: added {float(epsilon):.0e}·mean(diag) to its diagonal; "
                       f"use alpha < 1 or more data to make it well-posed", SolveWarning, stacklevel=2)
@@ -195,8 +195,8 @@ def _kron_preconditioner(a_factors: Sequence[Tensor], g_factors: Sequence[Tensor
     a_cholesky, a_epsilon, a_failed = _cholesky_with_jitter(a_bar)
     g_cholesky, g_epsilon, g_failed = _cholesky_with_jitter(g_bar)
     if bool(a_failed.any() | g_failed.any()):
-        raise ValueError(f"{label}: the K-FAC factors are not positive semi-definite (or have NaN/inf entries): "
-                         f"the preconditioner's Cholesky factorisation failed")
+        raise StatisticsError(f"{label}: the K-FAC factors are not positive semi-definite (or have NaN/inf entries): "
+                              f"the preconditioner's Cholesky factorisation failed")
     epsilon = float(torch.maximum(a_epsilon.max(), g_epsilon.max()))
     if epsilon > 0:
         warnings.warn(f"{label}: the K-FAC factors are singular (their mean needed jitter {epsilon:.0e}·mean(diag)), "

@@ -593,6 +593,7 @@ def test_zero_task_vectors_give_the_base(method, params, shape):
 # methods whose ``normalize`` divides by the total Σ w_i; the TIES-style ones divide each entry by the summed
 # weights of the models that agree with its sign, which is zero only where nothing is kept
 TOTAL_NORMALIZING = ["task_arithmetic", "dare_linear", "breadcrumbs"]
+CURVATURE = ["fisher", "regmean", "mats", "gradient_matching"]
 
 
 @pytest.mark.parametrize("method", TASK_VECTOR_METHODS)
@@ -607,13 +608,15 @@ def test_zero_weights_give_the_base(method, normalize):
     assert_close(got, base)
 
 
-@pytest.mark.parametrize("method", ["linear", *TOTAL_NORMALIZING, "fisher", "regmean", "mats", "gradient_matching"])
+@pytest.mark.parametrize("method", ["linear", *TOTAL_NORMALIZING, *CURVATURE])
 def test_weights_summing_to_zero_are_refused_before_any_tensor(method):
-    """(1, −1) with a division by Σ w_i: refused by the method's validate hook, not by the arithmetic."""
+    """A division by Σ w_i = 0: refused by the method's validate hook, not by the arithmetic. The curvature
+    methods' weights are >= 0, so only (0, 0) sums to zero there."""
     base, tensors = make_models((4, 6), 2)
     params = {"normalize": True} if method in TOTAL_NORMALIZING else {}
-    with pytest.raises(MergeError, match=r"weights sum to zero \(1, -1\)"):
-        merge(method, base, tensors, model_parameters=[{"weight": 1.0}, {"weight": -1.0}], **params)
+    weights, shown = ((0.0, 0.0), "0, 0") if method in CURVATURE else ((1.0, -1.0), "1, -1")
+    with pytest.raises(MergeError, match=rf"weights sum to zero \({shown}\)"):
+        merge(method, base, tensors, model_parameters=[{"weight": w} for w in weights], **params)
 
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)
@@ -824,3 +827,10 @@ def test_model_parameters_must_match_the_number_of_models(method, n_dicts):
     base, tensors = _models()
     with pytest.raises(MergeError, match="model"):
         merge(method, base, tensors, model_parameters=[{"weight": 1.0}] * n_dicts)
+
+
+@pytest.mark.parametrize("method", CURVATURE)
+def test_negative_weights_are_refused_where_they_make_the_system_indefinite(method):
+    base, tensors = make_models((4, 6), 2)
+    with pytest.raises(MergeError, match=r"'weight' must lie in \[0"):
+        merge(method, base, tensors, model_parameters=[{"weight": 1.0}, {"weight": -0.5}])

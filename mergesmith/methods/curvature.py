@@ -19,8 +19,10 @@ from mergesmith.errors import MergeError
 from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
 
-WEIGHT = Param("weight", float, 1.0, per_model=True, interval=(-float("inf"), float("inf")),
-               help="model weight λ_i")
+# not task_arithmetic's WEIGHT: λ_i weighs a precision matrix, and Σ λ_i C_i is positive semi-definite only
+# for λ_i ≥ 0 (a negative weight would make the system indefinite and its solve fail or mislead)
+WEIGHT = Param("weight", float, 1.0, per_model=True, interval=(0.0, float("inf")),
+               help="model weight λ_i >= 0, how much model i's precision counts")
 Stats = Sequence[dict[str, Any]]
 
 

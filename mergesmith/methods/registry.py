@@ -184,12 +184,12 @@ class MergeMethod:
     def check_inputs(self, has_base: bool, n_models: int, where: str) -> None:
         """Enforce the method's contract on the number of inputs and the presence of a base."""
         if self.base == "required" and not has_base:
-            raise MergeError(f"{where}: method '{self.name}' needs a base_model")
+            raise RecipeError(f"{where}: method '{self.name}' needs a base_model")
         if n_models < self.min_models:
-            raise MergeError(f"{where}: method '{self.name}' needs at least {self.min_models} model(s) besides "
+            raise RecipeError(f"{where}: method '{self.name}' needs at least {self.min_models} model(s) besides "
                              f"the base, got {n_models}")
         if self.max_models is not None and n_models > self.max_models:
-            raise MergeError(f"{where}: method '{self.name}' takes at most {self.max_models} model(s) besides "
+            raise RecipeError(f"{where}: method '{self.name}' takes at most {self.max_models} model(s) besides "
                              f"the base, got {n_models}")
 
     def bind(self, shared: dict[str, Any], per_model: list[dict[str, Any]], where: str) -> dict[str, Any]:
