@@ -12,7 +12,7 @@ import torch
 
 from mergesmith.architecture import split_layer_name
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.errors import MergeError, MergeWarning, RecipeError
+from mergesmith.errors import MergeWarning, OutputError, RecipeError
 from mergesmith.execute import MergeSummary, check_device, execute
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file
@@ -74,7 +74,18 @@ def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | P
 def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool) -> tuple[Plan, Path | None, Path | None]:
     check_output(output, overwrite, [*input_paths(recipe), *([Path(label)] if label else [])])  # fail fast
     plan = _plan(recipe, label)
+    _check_space(output, plan.size().bytes_written)
     return (plan, *_companion_files(recipe, plan))
+
+
+def _check_space(output: Path, needed: int) -> None:
+    """A full disk is found before the merge, not after an hour of it (the writer still reports one that
+    fills up meanwhile)."""
+    existing = next(p for p in [output.absolute(), *output.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise OutputError(f"output {output}: the merge writes {needed / 1e9:.2f} GB but {existing} has only "
+                          f"{free / 1e9:.2f} GB free; free some space or choose another output")
 
 
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *, device: str = "cpu",
@@ -224,8 +235,8 @@ def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[s
 
     def open_stats(name: str) -> MemoryStats:
         if name not in statistics:
-            raise MergeError(f"recipe names statistics '{name}' but none were given for it (have: "
-                             f"{', '.join(sorted(statistics)) or 'none'})")
+            raise RecipeError(f"recipe names statistics '{name}' but none were given for it (have: "
+                              f"{', '.join(sorted(statistics)) or 'none'})")
         given = statistics[name]
         if isinstance(given, Statistics):
             return MemoryStats(name, given.tensors, given.counts)
@@ -233,8 +244,8 @@ def merge_state_dicts(recipe: Recipe | Mapping[str, Any], state_dicts: Mapping[s
 
     def open_source(model: str) -> StateDictReader:
         if model not in state_dicts:
-            raise MergeError(f"recipe names model '{model}' but no state dict was given for it "
-                             f"(have: {', '.join(sorted(state_dicts))})")
+            raise RecipeError(f"recipe names model '{model}' but no state dict was given for it "
+                              f"(have: {', '.join(sorted(state_dicts))})")
         return StateDictReader(model, state_dicts[model])
 
     plan = build_plan(recipe, open_source, open_stats)

@@ -16,7 +16,7 @@ import torch
 
 from mergesmith.architecture import EMBEDDING_HINTS, HEAD_PREFIXES, is_head, split_layer_name
 from mergesmith.config import Recipe, resolve
-from mergesmith.errors import MergeError, RecipeError
+from mergesmith.errors import CheckpointError, RecipeError, StatisticsError
 from mergesmith.io.checkpoint import TensorSource
 from mergesmith.io.sidecar import KINDS, weights_fingerprint
 from mergesmith.methods import MergeMethod, get_method
@@ -153,7 +153,7 @@ class _Slice:
     def length(self, available: int) -> int:
         lengths = {s.length for s in self.sources if s.length is not None}
         if len(lengths) > 1:
-            raise MergeError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            raise RecipeError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
         return lengths.pop() if lengths else available
 
 
@@ -171,20 +171,27 @@ def _normalised_slices(recipe: Recipe, uses_base: bool) -> list[_Slice]:
 
 
 def _check_shapes(job_name: str, reads: list[TensorInput]) -> tuple[int, ...]:
-    """The common shape of a job's inputs; a missing tensor or a mismatch is a MergeError."""
+    """The common shape of a job's inputs; a missing tensor, a shape mismatch, or a floating-point tensor in
+    one model that is an integer or boolean one in another (not a weight to average) is a CheckpointError.
+    Floating dtypes may differ: every input is merged in the compute dtype."""
+    kinds = {read.source.dtype(read.key).is_floating_point for read in reads if read.key in read.source.keys()}
+    if len(kinds) > 1:
+        dtypes = ", ".join(f"'{r.source.name}' has {str(r.source.dtype(r.key)).removeprefix('torch.')}"
+                           for r in reads)
+        raise CheckpointError(f"dtype mismatch for '{job_name}': {dtypes}; are these checkpoints of the same model?")
     shapes = []
     for read in reads:
         try:
             shapes.append(read.source.shape(read.key))
         except KeyError:
-            raise MergeError(f"tensor '{read.key}' is missing from model '{read.source.name}' "
-                             f"(needed for output '{job_name}')") from None
+            raise CheckpointError(f"tensor '{read.key}' is missing from model '{read.source.name}' "
+                                  f"(needed for output '{job_name}')") from None
     first = reads[0]
     for read, shape in zip(reads, shapes):
         if shape != shapes[0]:
             hint = " Is one checkpoint transposed?" if tuple(reversed(shape)) == shapes[0] else ""
-            raise MergeError(f"Shape mismatch for '{job_name}': '{first.source.name}' has {shapes[0]}, "
-                             f"'{read.source.name}' has {shape}.{hint}")
+            raise CheckpointError(f"Shape mismatch for '{job_name}': '{first.source.name}' has {shapes[0]}, "
+                                  f"'{read.source.name}' has {shape}.{hint}")
     return shapes[0]
 
 
@@ -202,8 +209,8 @@ def _check_same_keys(sources: list[TensorSource], reference: TensorSource,
                 parts.append(f"'{source.name}' lacks {_first(missing)}")
             if unexpected:
                 parts.append(f"'{source.name}' has unexpected {_first(unexpected)}")
-            raise MergeError(f"tensor names differ from '{reference.name}': {'; '.join(parts)}. "
-                             f"Are they the same architecture?")
+            raise CheckpointError(f"tensor names differ from '{reference.name}': {'; '.join(parts)}. "
+                                  f"Are they the same architecture?")
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -239,8 +246,8 @@ class _Planner:
         """A sidecar measured on other weights of the same architecture (another fine-tune's statistics, a
         swapped path) would merge without any shape error, and wrongly: compare the weights it records."""
         if weights_fingerprint(self.source(model).get(key)) != sidecar.fingerprints[key]:
-            raise MergeError(f"{sidecar.where()} was measured on other weights: '{key}' differs from model "
-                             f"'{model}''s; give each model the sidecar measured on it")
+            raise StatisticsError(f"{sidecar.where()} was measured on other weights: '{key}' differs from model "
+                                  f"'{model}''s; give each model the sidecar measured on it")
 
     def tensor_stats(self, name: str, shape: tuple[int, ...], kwargs: dict[str, Any], base_src: _Source | None,
                      others: list[_Source], key_of: Callable[[_Source], str]) -> TensorStats | None:
@@ -262,7 +269,7 @@ class _Planner:
         base_model = out_slice.base_model if self.uses_base else None
         base_src = next((s for s in out_slice.sources if s.model == base_model), None)
         if base_model is not None and base_src is None:
-            raise MergeError(f"base_model '{base_model}' must be one of the slice's sources")
+            raise RecipeError(f"base_model '{base_model}' must be one of the slice's sources")
         others = [s for s in out_slice.sources if s is not base_src]
         where = f"tensor '{name}'"
         self.method.check_inputs(base_src is not None, len(others), where)
@@ -334,8 +341,8 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
         else:
             post.append(key)
     if recipe.slices is not None and len(layered) != 1:
-        raise MergeError(f"'slices' need a model with one stack of layers; found {len(layered)} "
-                         f"({', '.join(sorted(layered)) or 'none'})")
+        raise RecipeError(f"'slices' need a model with one stack of layers; found {len(layered)} "
+                          f"({', '.join(sorted(layered)) or 'none'})")
 
     planner = _Planner(recipe, method, source, open_stats)
     if heads_kept:  # head tensors are copied (or kept aside), not merged
@@ -363,13 +370,13 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
             kept = {s.model: [k for k in source(s.model).keys() if is_head(k, head_prefixes)]
                     for s in slices[-1].sources if s.model != recipe.base_model or not uses_base}
             if not any(kept.values()):
-                raise MergeError(f"heads: each, but no model has a tensor starting with {', '.join(head_prefixes)}; "
-                                 f"name the head tensors with head_tensors: [prefix, ...]")
+                raise RecipeError(f"heads: each, but no model has a tensor starting with {', '.join(head_prefixes)}; "
+                                  f"name the head tensors with head_tensors: [prefix, ...]")
     if planner.fallback and not planner.with_stats:
         sidecar = next(iter(planner.sidecars.values()))
-        raise MergeError(f"no statistic in {sidecar.where()} matches a tensor of the checkpoints (it has e.g. "
-                         f"'{min(sidecar.keys)}', the merge needs e.g. '{planner.fallback[0]}'); were the "
-                         f"statistics measured on this architecture?")
+        raise StatisticsError(f"no statistic in {sidecar.where()} matches a tensor of the checkpoints (it has e.g. "
+                              f"'{min(sidecar.keys)}', the merge needs e.g. '{planner.fallback[0]}'); were the "
+                              f"statistics measured on this architecture?")
     jobs = _pair_joint_biases(jobs)
     solved_jointly = {job.companion.name for job in jobs if job.companion is not None}
     return Plan(jobs, method, list(cache.values()), reference, layer_counts, kept,
@@ -411,8 +418,8 @@ def _head_jobs(recipe: Recipe, source: Callable[[str], TensorSource], prefixes: 
     holder = source(owner)
     names = [k for k in holder.keys() if is_head(k, prefixes)]
     if not names:
-        raise MergeError(f"heads: {recipe.heads}, but '{owner}' has no tensor starting with {', '.join(prefixes)}; "
-                         f"name the head tensors with head_tensors: [prefix, ...]")
+        raise RecipeError(f"heads: {recipe.heads}, but '{owner}' has no tensor starting with {', '.join(prefixes)}; "
+                          f"name the head tensors with head_tensors: [prefix, ...]")
     out_dtype = recipe.output_dtype
     return [Job(k, copy, None, [TensorInput(holder, k)], copy.bind({}, [{}], f"tensor '{k}'"), holder.shape(k),
                 out_dtype if out_dtype and holder.dtype(k).is_floating_point else holder.dtype(k)) for k in names]
@@ -423,8 +430,10 @@ def _check_sidecars(sidecars: Any) -> None:
     identified = [s for s in sidecars if s.source.model]
     for other in identified[1:]:
         if other.source.model != identified[0].source.model:
-            raise MergeError(f"{other.where()} and {identified[0].where()} were measured on different architectures "
-                             f"(model identity {other.source.model} vs {identified[0].source.model})")
+            first = identified[0]
+            raise StatisticsError(f"{other.where()} and {first.where()} were measured on different architectures "
+                                  f"(model identity {other.source.model} vs {first.source.model})")
+
 
 
 def _pair_joint_biases(jobs: list[Job]) -> list[Job]:

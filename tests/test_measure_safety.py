@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergesmith.errors import MergeWarning, UsageError
-from mergesmith.io.sidecar import StatsReader
+from mergesmith.io.sidecar import StatsReader, save_stats
 from mergesmith.measure import measure
 from mergesmith.measure.select import FactorBudget, parse_factor_budget
 
@@ -452,3 +452,17 @@ def test_fisher_exclusion_follows_the_parameter_s_module(tied_llama, tmp_path, r
     for key in set(a.keys()) & set(b.keys()):  # the other statistics do not change
         torch.testing.assert_close(b.get(key), a.get(key), rtol=1e-5, atol=1e-8, msg=key)
     assert b.counts["fisher/model.norm.weight"] == len(TEXTS)
+
+
+def test_stats_combine_keeps_what_was_skipped_and_refuses_to_mix_rules(bounded, tmp_path, run_cli):
+    both = tmp_path / "both"
+    result = run_cli("stats", "combine", bounded["s-ft1"], bounded["s-ft1"], "-o", both)
+    assert result.code == 0, result.stderr
+    assert StatsReader(both).metadata["skipped"] == StatsReader(bounded["s-ft1"]).metadata["skipped"]
+    unbounded, same = tmp_path / "unbounded", StatsReader(bounded["s-ft1"])  # the same, minus its skip record
+    save_stats(unbounded, {k: same.get(k) for k in same.keys()}, same.counts, model=same.model,
+               fisher_variant=same.fisher_variant, fingerprints=json.loads(same.metadata["fingerprints"]),
+               transposed=json.loads(same.metadata.get("transposed", "[]")))
+    result = run_cli("stats", "combine", bounded["s-ft1"], unbounded, "-o", tmp_path / "mixed")
+    assert result.code == 2 and "skipped different modules" in result.error_line
+    assert not (tmp_path / "mixed").exists()

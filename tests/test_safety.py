@@ -145,7 +145,8 @@ PLAN_TIME_ERRORS = [
     ({"merge_method": "mats", "parameters": {"precision": "kfac"}}, r"init 'task_arithmetic'.*needs a base_model"),
     ({"merge_method": "regmean", "parameters": {"fallback": "base"}}, r"fallback: base.*add a base_model"),
     ({"merge_method": "linear", "weights": [1.0, -1.0]}, r"weights sum to zero \(1, -1\)"),
-    ({"merge_method": "fisher", "weights": [2.0, -2.0]}, r"weights sum to zero"),
+    ({"merge_method": "fisher", "weights": [0.0, 0.0]}, r"weights sum to zero"),
+    ({"merge_method": "regmean", "weights": [1.0, -2.0]}, r"'weight' must lie in \[0.0, inf\), got -2.0"),
     ({"merge_method": "task_arithmetic", "base": True, "weights": [1.0, -1.0], "parameters": {"normalize": True}},
      r"weights sum to zero"),
     ({"merge_method": "ties", "base": True, "density": [0.5, 1.5]}, r"models(\[1\]|\.1)\.parameters.*density.*1\.5"),
@@ -215,7 +216,8 @@ def test_dry_run_fails_like_the_merge(llama, write_recipe, run_cli, tmp_path):
 
 @pytest.fixture
 def recipe_of_two(llama, write_recipe) -> Path:
-    return write_recipe(linear_recipe(llama["ft1"], llama["ft2"]))
+    """The base (which has a tokenizer, so no warning line comes before an error) and a fine-tune."""
+    return write_recipe(linear_recipe(llama["base"], llama["ft2"]))
 
 
 def test_overwrite_refuses_a_directory_mergesmith_did_not_write(recipe_of_two, run_cli, tmp_path):
@@ -459,3 +461,51 @@ def test_a_companion_file_linked_out_of_its_model_is_refused_at_plan_time(llama,
     line = one_error_line(run_cli("merge", write_recipe(linear_recipe(model, llama["ft1"])), out))
     assert name in line and "outside" in line, line
     assert not out.exists()
+
+
+def test_a_disk_too_small_for_the_output_is_refused_before_the_merge(recipe_of_two, run_cli, tmp_path, monkeypatch,
+                                                                     no_tensor_reads):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sys.modules["mergesmith.merge"].shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    line = one_error_line(run_cli("merge", recipe_of_two, tmp_path / "out"))
+    assert re.search(r"the merge writes 0\.00 GB but .* has only 0\.00 GB free", line), line
+
+
+def test_the_disk_filling_up_during_the_write_is_one_line_and_leaves_nothing(recipe_of_two, run_cli, tmp_path,
+                                                                            monkeypatch):
+    from mergesmith.io import writer
+
+    real, written = os.pwrite, []
+
+    def filling(fd, data, offset):
+        if offset > 0 and written:  # the first tensor goes through, then the disk is full
+            raise OSError(28, "No space left on device")
+        if offset > 0:
+            written.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", filling)
+    out = tmp_path / "out"
+    line = one_error_line(run_cli("merge", recipe_of_two, out))
+    assert "No space left on device" in line and written
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+
+@pytest.mark.parametrize("dtype,accepted", [(torch.bfloat16, True), (torch.int64, False)])
+def test_dtypes_across_models(llama, write_recipe, run_cli, tmp_path, dtype, accepted, no_tensor_reads):
+    """Floating dtypes may differ (each input is merged in float32); a weight that is an integer tensor in
+    one model is refused at plan time, naming the tensor and every model's dtype."""
+    folder = tmp_path / "other-dtype"
+    shutil.copytree(llama["ft2"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("merge", write_recipe(linear_recipe(llama["base"], folder)), tmp_path / "out", "--dry-run")
+    if accepted:
+        assert result.code == 0, result.stderr
+    else:
+        line = one_error_line(result)
+        assert f"dtype mismatch for '{name}'" in line and "has float32" in line and "has int64" in line, line

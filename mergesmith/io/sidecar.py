@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mergesmith.errors import MergeError, MergeWarning, StatisticsError, did_you_mean
+from mergesmith.errors import MergeWarning, OutputError, StatisticsError, UsageError, did_you_mean
 from mergesmith.io.checkpoint import SafetensorsHeader, contained_file, quote_name, read_json, safetensors_header
 from mergesmith.io.writer import PARTIAL, OutputTensor, clean_leftovers, mark_partial, parse_size, shard_layout
 
@@ -62,14 +62,14 @@ def check_writable(directory: str | Path) -> None:
     file or an unwritable directory."""
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
-        raise MergeError(f"cannot write statistics to {directory}: it exists and is not a directory")
+        raise OutputError(f"cannot write statistics to {directory}: it exists and is not a directory")
     ancestor = directory
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise MergeError(f"cannot write statistics to {directory}: {ancestor} is not a directory")
+        raise OutputError(f"cannot write statistics to {directory}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK):
-        raise MergeError(f"cannot write statistics to {directory}: {ancestor} is not writable")
+        raise OutputError(f"cannot write statistics to {directory}: {ancestor} is not writable")
 
 
 def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: dict[str, int], *,
@@ -116,7 +116,7 @@ def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: 
         _write_atomically(directory, write)
     except (OSError, SafetensorError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MergeError(f"cannot write statistics to {directory}: {reason}") from None
+        raise OutputError(f"cannot write statistics to {directory}: {reason}") from None
     return directory / names[0] if len(shards) == 1 else directory / INDEX
 
 
@@ -363,23 +363,26 @@ def combine_stats(sources: list[str | Path], output: str | Path, *,
     mean, exactly what measuring all the data at once gives. Inputs may be single files or sharded; the
     output is sharded when it exceeds ``max_shard_size`` (one source alone reshards a sidecar)."""
     if not sources:
-        raise MergeError("nothing to combine: name at least one sidecar")
+        raise UsageError("nothing to combine: name at least one sidecar")
     limit = parse_size(max_shard_size)
     readers = [StatsReader(s) for s in sources]
     first = readers[0]
     for other in readers[1:]:
         if other.model != first.model:
-            raise MergeError(f"{other.path} was measured on another model ({other.model}) than "
-                             f"{first.path} ({first.model}); statistics of different models do not combine")
+            raise StatisticsError(f"{other.path} was measured on another model ({other.model}) than "
+                                  f"{first.path} ({first.model}); statistics of different models do not combine")
         if other.metadata.get("fingerprints", "{}") != first.metadata.get("fingerprints", "{}"):
-            raise MergeError(f"{other.path} and {first.path} were measured on different weights (their fingerprints "
-                             f"differ); statistics of different models do not combine")
+            raise StatisticsError(f"{other.path} and {first.path} were measured on different weights (their "
+                                  f"fingerprints differ); statistics of different models do not combine")
         if other.fisher_variant != first.fisher_variant:
-            raise MergeError(f"{other.path} holds the '{other.fisher_variant}' Fisher and {first.path} the "
-                             f"'{first.fisher_variant}' one; they do not combine")
+            raise StatisticsError(f"{other.path} holds the '{other.fisher_variant}' Fisher and {first.path} the "
+                                  f"'{first.fisher_variant}' one; they do not combine")
         if set(other.keys()) != set(first.keys()):
             extra = sorted(set(other.keys()) ^ set(first.keys()))
-            raise MergeError(f"{other.path} and {first.path} hold different statistics (e.g. '{extra[0]}')")
+            raise StatisticsError(f"{other.path} and {first.path} hold different statistics (e.g. '{extra[0]}')")
+        if other.metadata.get("skipped", "{}") != first.metadata.get("skipped", "{}"):
+            raise StatisticsError(f"{other.path} and {first.path} skipped different modules at measure time; "
+                                  f"measure both with the same --exclude and --max-factor-size")
     tensors, counts = {}, {}
     for key in first.keys():
         total = sum(r.counts[key] for r in readers)
@@ -388,4 +391,4 @@ def combine_stats(sources: list[str | Path], output: str | Path, *,
     return save_stats(output, tensors, counts, model=first.model, fisher_variant=first.fisher_variant,
                       transposed=json.loads(first.metadata.get("transposed", "[]")),
                       fingerprints=json.loads(first.metadata.get("fingerprints", "{}")),
-                      max_shard_size=limit)
+                      skipped=json.loads(first.metadata.get("skipped", "{}")), max_shard_size=limit)

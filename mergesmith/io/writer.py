@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.errors import MergeError, OutputError
+from mergesmith.errors import OutputError, UsageError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -33,9 +33,9 @@ def parse_size(text: str | int) -> int:
     try:
         size = int(float(number) * _UNITS[unit])
     except (ValueError, KeyError):
-        raise MergeError(f"cannot read size '{text}': write it like 5GB, 200MB or 1000000") from None
+        raise UsageError(f"cannot read size '{text}': write it like 5GB, 200MB or 1000000") from None
     if size <= 0:
-        raise MergeError(f"size '{text}' must be positive")
+        raise UsageError(f"size '{text}' must be positive")
     return size
 
 
@@ -250,18 +250,23 @@ class ShardedWriter:
         self._where: dict[str, tuple[int, int]] = {}  # name -> (fd, offset)
         self._fds: list[int] = []
         weight_map = {}
-        for file, shard in zip(self.files, shards):
-            header, positions = _header(shard, {"format": "pt", **(metadata or {})})
-            fd = os.open(self.directory / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + sum(t.nbytes for t in shard))
-            for tensor in shard:
-                self._where[tensor.name] = (fd, positions[tensor.name])
-                weight_map[tensor.name] = file
-        if count > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        try:
+            for file, shard in zip(self.files, shards):
+                header, positions = _header(shard, {"format": "pt", **(metadata or {})})
+                fd = os.open(self.directory / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, len(header) + sum(t.nbytes for t in shard))
+                for tensor in shard:
+                    self._where[tensor.name] = (fd, positions[tensor.name])
+                    weight_map[tensor.name] = file
+            if count > 1:
+                index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+                (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        except OSError as e:
+            for fd in self._fds:
+                os.close(fd)
+            raise self._failure(e) from None
         self.bytes_written = 0
         self._written: set[str] = set()
         self._queue: queue.Queue = queue.Queue(maxsize=pending)
@@ -283,13 +288,21 @@ class ShardedWriter:
             except BaseException as e:  # surfaced on the main thread by add() or close()
                 self._error = e
 
+    def _failure(self, error: BaseException) -> BaseException:
+        """What the user is told: a full disk or a vanished directory is theirs to fix, anything else ours."""
+        if isinstance(error, OSError):
+            reason = error.strerror or str(error)
+            return OutputError(f"writing the merged model to {self.directory.parent} failed: {reason}; free some "
+                               f"space or choose another output (nothing was left at the target)")
+        return RuntimeError(f"the writer thread failed: {error!r}")
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._error is not None:
-            raise MergeError(f"writing to {self.directory} failed: {self._error}")
+            raise self._failure(self._error)
         expected = self._expected[name]
         if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-            raise MergeError(f"internal: '{name}' came out as {tuple(tensor.shape)} {tensor.dtype}, "
-                             f"planned {expected.shape} {expected.dtype}")
+            raise RuntimeError(f"'{name}' came out as {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{expected.shape} {expected.dtype}")
         self._queue.put((name, tensor.contiguous()))
         self._written.add(name)
         self.bytes_written += expected.nbytes
@@ -305,10 +318,10 @@ class ShardedWriter:
         """Wait for the last writes; returns the shard file names."""
         self._stop()
         if self._error is not None:
-            raise MergeError(f"writing to {self.directory} failed: {self._error}")
+            raise self._failure(self._error)
         missing = set(self._expected) - self._written
         if missing:
-            raise MergeError(f"internal: {len(missing)} planned tensors were never written")
+            raise RuntimeError(f"{len(missing)} planned tensors were never written")
         return self.files
 
     def abort(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import RecipeError, StatisticsError
 from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
 
@@ -30,7 +30,7 @@ def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Ten
     """Σ_i λ_i θ_i / Σ_i λ_i."""
     total = sum(weights)
     if weights_sum_to_zero(weights):
-        raise MergeError("the model weights sum to zero; a weighted average is undefined")
+        raise RecipeError("the model weights sum to zero; a weighted average is undefined")
     return sum(w * t for w, t in zip(weights, tensors)) / total
 
 
@@ -41,8 +41,8 @@ def statistic(stats: Stats, kind: str, name: str) -> list[Tensor] | None:
         return None
     if any(f is None for f in found):
         missing = next(i for i, f in enumerate(found) if f is None)
-        raise MergeError(f"'{name}': model {missing} has no '{kind}' statistic for this tensor while other "
-                         f"models do; measure every model's statistics the same way")
+        raise StatisticsError(f"'{name}': model {missing} has no '{kind}' statistic for this tensor while other "
+                              f"models do; measure every model's statistics the same way")
     return found
 
 
@@ -61,7 +61,7 @@ def fisher_problem(fisher: Tensor) -> str | None:
 def checked_fisher(fisher: Tensor, model: int | str, name: str) -> Tensor:
     problem = fisher_problem(fisher)
     if problem is not None:
-        raise MergeError(f"'{name}': the Fisher of model {model} {problem}; measure it again")
+        raise StatisticsError(f"'{name}': the Fisher of model {model} {problem}; measure it again")
     return fisher
 
 
@@ -112,7 +112,7 @@ def _regmean_fallback(base: Tensor | None, tensors: Sequence[Tensor], weight: Se
                       name: str) -> Tensor:
     if fallback == "base":
         if base is None:
-            raise MergeError(f"'{name}': fallback 'base' needs a base_model in the recipe")
+            raise RecipeError(f"'{name}': fallback 'base' needs a base_model in the recipe")
         return base
     return weighted_average(tensors, weight)
 
@@ -233,7 +233,7 @@ def _mats_start(base: Tensor | None, tensors: Sequence[Tensor], average: Tensor,
     if init == "average":
         return average
     if base is None:
-        raise MergeError(f"'{name}': mats init '{init}' needs a base_model; add one or set init: average")
+        raise RecipeError(f"'{name}': mats init '{init}' needs a base_model; add one or set init: average")
     if init == "base":
         return base
     return base + scale * sum(t - base for t in tensors)
@@ -263,7 +263,8 @@ def gradient_matching(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequen
                 for i, (f, n, s) in enumerate(zip(fishers, data_size, stats))]
     if prior == "base":
         if base_stats.get("fisher") is None:
-            raise MergeError(f"'{name}': prior 'base' needs the base model's Fisher: give base_model a stats sidecar")
+            raise StatisticsError(f"'{name}': prior 'base' needs the base model's Fisher: give base_model a stats "
+                                  f"sidecar")
         h0 = _size(0.0, base_stats, "base", name) * checked_fisher(base_stats["fisher"].to(base), "base", name)
     else:
         h0 = torch.full_like(base, float(prior))
@@ -277,5 +278,5 @@ def _size(data_size: float, stats: dict, model: int | str, name: str) -> float:
         return data_size
     count = stats.get("fisher_count")
     if count is None or float(count) <= 0:
-        raise MergeError(f"'{name}': model {model} has no example count for its Fisher; set its data_size")
+        raise StatisticsError(f"'{name}': model {model} has no example count for its Fisher; set its data_size")
     return float(count)

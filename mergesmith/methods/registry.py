@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mergesmith.config import short
-from mergesmith.errors import MergeError, RecipeError, did_you_mean
+from mergesmith.errors import RecipeError, did_you_mean
 
 REQUIRED: Any = object()
 # |Σ w_i| below this is a zero sum: a weighted average over it is undefined (one threshold for every method)
@@ -187,10 +187,10 @@ class MergeMethod:
             raise RecipeError(f"{where}: method '{self.name}' needs a base_model")
         if n_models < self.min_models:
             raise RecipeError(f"{where}: method '{self.name}' needs at least {self.min_models} model(s) besides "
-                             f"the base, got {n_models}")
+                              f"the base, got {n_models}")
         if self.max_models is not None and n_models > self.max_models:
             raise RecipeError(f"{where}: method '{self.name}' takes at most {self.max_models} model(s) besides "
-                             f"the base, got {n_models}")
+                              f"the base, got {n_models}")
 
     def bind(self, shared: dict[str, Any], per_model: list[dict[str, Any]], where: str) -> dict[str, Any]:
         """Validate parameter values, fill defaults, and return the keyword arguments of ``function``.
@@ -208,13 +208,13 @@ class MergeMethod:
                 for i, values in enumerate(per_model):
                     value = values.get(p.name, shared.get(p.name, p.default))
                     if value is REQUIRED:
-                        raise MergeError(f"{where}: model {i} has no value for required parameter '{p.name}'")
+                        raise RecipeError(f"{where}: model {i} has no value for required parameter '{p.name}'")
                     column.append(p.validate(value, where))
                 kwargs[p.argument] = tuple(column)
             else:
                 value = shared.get(p.name, p.default)
                 if value is REQUIRED:
-                    raise MergeError(f"{where}: method '{self.name}' needs parameter '{p.name}'")
+                    raise RecipeError(f"{where}: method '{self.name}' needs parameter '{p.name}'")
                 kwargs[p.argument] = p.validate(value, where)
         return kwargs
 
@@ -252,7 +252,7 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _METHODS[name]
     except KeyError:
-        raise MergeError(f"unknown merge_method '{name}'{did_you_mean(name, _METHODS)}") from None
+        raise RecipeError(f"unknown merge_method '{name}'{did_you_mean(name, _METHODS)}") from None
 
 
 def method_names() -> list[str]:
@@ -273,18 +273,18 @@ def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameter
     spec = get_method(method)
     spec.check_inputs(base is not None, len(tensors), f"merge_tensors('{method}')")
     if model_parameters is not None and len(model_parameters) != len(tensors):
-        raise MergeError(f"merge_tensors('{method}'): {len(model_parameters)} model_parameters for "
-                         f"{len(tensors)} model tensors; give one dict per tensor")
+        raise RecipeError(f"merge_tensors('{method}'): {len(model_parameters)} model_parameters for "
+                          f"{len(tensors)} model tensors; give one dict per tensor")
     kwargs = spec.bind(parameters, model_parameters or [{} for _ in tensors], f"merge_tensors('{method}')")
     spec.check(kwargs, base is not None, len(tensors), f"merge_tensors('{method}')")
     if spec.random:
         if generator is None:
-            raise MergeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
+            raise RecipeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
         kwargs["generator"] = generator
     if spec.needs is not None:
         if stats is not None and len(stats) != len(tensors):
-            raise MergeError(f"merge_tensors('{method}'): {len(stats)} stats for {len(tensors)} tensors; give one "
-                             f"dict per tensor")
+            raise RecipeError(f"merge_tensors('{method}'): {len(stats)} stats for {len(tensors)} tensors; give one "
+                              f"dict per tensor")
         kwargs["stats"] = [dict(s) for s in stats] if stats is not None else [{} for _ in tensors]
         kwargs["base_stats"] = dict(base_stats or {})
         kwargs["name"] = "merge_tensors"

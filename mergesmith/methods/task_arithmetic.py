@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import RecipeError
 from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.methods.sparsify import (
     BLOCK,
@@ -64,7 +64,7 @@ def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[f
     if normalize:
         divisor = sum(weight)
         if weights_sum_to_zero(weight):
-            raise MergeError("linear: the model weights sum to zero; set normalize: false or change the weights")
+            raise RecipeError("linear: the model weights sum to zero; set normalize: false or change the weights")
     coefficients = [w / divisor for w in weight]
     merged = torch.empty_like(tensors[0])
     out, inputs = merged.view(-1), [t.reshape(-1) for t in tensors]
@@ -105,8 +105,8 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
             combined.mul_(scale)
         return combined.add_(base)
     if normalize and weights_sum_to_zero(weights):
-        raise MergeError("the model weights sum to zero and normalize: true divides by their sum; change the "
-                         "weights or set normalize: false")
+        raise RecipeError("the model weights sum to zero and normalize: true divides by their sum; change the "
+                          "weights or set normalize: false")
     divisor = sum(weights) if normalize else 1.0
     coefficients = [scale * w / divisor for w in weights]
     if sparsify is not None:
