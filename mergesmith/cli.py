@@ -133,7 +133,7 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
              ("peak memory", f"at most {_gb(size.peak_bound(peak_rss_bytes()))} (the largest job reads "
                              f"{_gb(size.largest_read)}; see the README's Safety section)"),
              ("output", f"would {verb} {output}")]
-    listing.print(f"dry run of {recipe}: every check passed; nothing was read beyond headers or written",
+    listing.print(f"dry run of {recipe}: every check passed; no tensor was merged and nothing was written",
                   highlight=False)
     for key, value in rows:
         listing.print(f"  {key + ':':<20}{escape(value)}", highlight=False)

@@ -596,7 +596,10 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise RecipeError(f"recipe {path} not found") from None
+        folder = path.parent if path.parent.is_dir() else None
+        nearby = [p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")] if folder else []
+        close = did_you_mean(path.name, nearby) if nearby else ""
+        raise RecipeError(f"recipe {path} not found{close if 'did you mean' in close else ''}") from None
     except OSError as e:
         raise RecipeError(f"recipe {path} cannot be read: {e.strerror or e}") from None
     try:

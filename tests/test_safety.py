@@ -509,3 +509,8 @@ def test_dtypes_across_models(llama, write_recipe, run_cli, tmp_path, dtype, acc
     else:
         line = one_error_line(result)
         assert f"dtype mismatch for '{name}'" in line and "has float32" in line and "has int64" in line, line
+
+
+def test_a_misspelt_recipe_file_is_suggested(recipe_of_two, run_cli, tmp_path):
+    line = one_error_line(run_cli("merge", recipe_of_two.with_suffix(".yml"), tmp_path / "out"))
+    assert line.endswith(f"not found (did you mean '{recipe_of_two.name}'?)"), line
