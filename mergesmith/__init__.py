@@ -1,8 +1,31 @@
-"""mergesmith: merge fine-tuned checkpoints of one architecture into one model."""
+"""mergesmith: merge fine-tuned checkpoints of one architecture into one model.
+
+The public names load on first use (PEP 562), so that ``mergesmith --help``, a recipe error and the CLI's
+signal handling do not wait for ``import torch``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from mergesmith.errors import MergeError
-from mergesmith.merge import merge, merge_state_dicts, plan_merge
-from mergesmith.methods import merge_tensors, method_names
 
 __version__ = "0.1.0"
 __all__ = ["MergeError", "merge", "merge_state_dicts", "plan_merge", "merge_tensors", "method_names"]
+
+_LAZY = {"merge": "mergesmith.api", "merge_state_dicts": "mergesmith.api", "plan_merge": "mergesmith.api",
+         "merge_tensors": "mergesmith.methods", "method_names": "mergesmith.methods"}
+
+if TYPE_CHECKING:
+    from mergesmith.api import merge, merge_state_dicts, plan_merge
+    from mergesmith.methods import merge_tensors, method_names
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mergesmith' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value

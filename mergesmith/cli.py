@@ -72,7 +72,7 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
                                                "infinite values (an error by default)."),
           quiet: bool = typer.Option(False, help="No progress bar or summary.")) -> None:
     """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory)."""
-    from mergesmith.merge import merge as run_merge
+    from mergesmith.api import merge as run_merge
 
     if dry_run:
         _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size)
@@ -115,9 +115,9 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
 
 def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str) -> None:
     """Every check of a merge, then its plan on stdout; nothing is read beyond headers, nothing written."""
+    from mergesmith.api import check_merge
     from mergesmith.execute import peak_rss_bytes
     from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
-    from mergesmith.merge import check_merge
 
     limit = parse_size(max_shard_size)
     plan = check_merge(recipe, output, overwrite=overwrite)
@@ -464,6 +464,12 @@ def _run(args: list[str], debug: bool) -> None:
         hint = f" (see '{context.command_path} --help')" if context is not None else ""
         _error_line(" ".join(e.format_message().split()) + hint)
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except MemoryError as e:  # the machine's limit: neither the user's input nor a bug
+        if debug:
+            raise
+        _error_line(f"out of memory{f' ({e})' if str(e) else ''}; free memory, or see what the merge needs with "
+                    f"--dry-run (the README's Safety section states the bound)")
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 — a bug: say so in one line, never as the user's mistake
         if debug:
             raise
@@ -480,7 +486,7 @@ def _interrupted(number: int) -> None:
     import signal
 
     name = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
-    _error_line(f"interrupted ({name}); the unfinished output was removed and nothing was written")
+    _error_line(f"interrupted ({name}); an unfinished output was removed, nothing half-written was left")
     sys.exit(128 + number)
 
 

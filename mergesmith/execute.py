@@ -7,6 +7,7 @@ being filled and the one being written: peak memory is O(models × largest tenso
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -112,8 +113,8 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool 
             loaded.put(e)
 
     reader = threading.Thread(target=read, name="mergesmith-reader", daemon=True)
-    reader.start()
-    try:
+    try:  # started inside: an interrupt at any point still reaches the finally that joins it
+        reader.start()
         while (item := loaded.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
@@ -136,18 +137,22 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
     start = time.perf_counter()
     bytes_read = bytes_written = 0
     reports: dict[str, dict[str, Any]] = {}
-    for job, tensors, stats in _prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite):
-        bytes_read += sum(t.numel() * t.element_size() for t in tensors)
-        report: dict[str, Any] = {}
-        results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
-                          report=report, check_result=not allow_nonfinite)
-        if report:
-            reports[job.name] = report
-        for name, result in results.items():
-            bytes_written += result.numel() * result.element_size()
-            sink(name, result)
-        if on_tensor is not None:
-            on_tensor(job)
+    # closing: on an error or an interrupt the reader thread is stopped and joined here, not left running
+    # into interpreter shutdown (where a live thread reading a tensor aborts the process)
+    jobs = contextlib.closing(_prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite))
+    with jobs as loaded:
+        for job, tensors, stats in loaded:
+            bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+            report: dict[str, Any] = {}
+            results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
+                              report=report, check_result=not allow_nonfinite)
+            if report:
+                reports[job.name] = report
+            for name, result in results.items():
+                bytes_written += result.numel() * result.element_size()
+                sink(name, result)
+            if on_tensor is not None:
+                on_tensor(job)
     return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
                         bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
                         fallback=list(plan.fallback))
@@ -169,9 +174,17 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
+    """This process's peak resident set size so far: VmHWM on Linux (getrusage's ru_maxrss can carry a
+    parent's peak into a child started by vfork), else ru_maxrss."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024

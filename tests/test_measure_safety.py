@@ -382,7 +382,7 @@ def test_a_merge_gives_skipped_modules_the_method_s_fallback(bounded, tmp_path, 
                                                              parameters, fallback):
     recipe = {"merge_method": method, "parameters": parameters,
               "models": [{"model": str(bounded[m]), "stats": str(bounded[f"s-{m}"])} for m in ("ft1", "ft2")]}
-    from mergesmith.merge import merge
+    from mergesmith.api import merge
 
     result = run_cli("merge", write_recipe(recipe), tmp_path / "out")
     assert result.code == 0, result.stderr

@@ -96,7 +96,7 @@ def test_an_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(llam
     def broken(*args, **kwargs):
         raise TypeError("an internal bug")
 
-    monkeypatch.setattr(sys.modules["mergesmith.merge"], "merge", broken)
+    monkeypatch.setattr(sys.modules["mergesmith.api"], "merge", broken)
     recipe = write_recipe(linear_recipe(llama["ft1"], llama["ft2"]))
     line = one_error_line(run_cli("merge", recipe, tmp_path / "out"), code=1)
     assert "internal error (TypeError: an internal bug)" in line and "--debug" in line
@@ -123,7 +123,7 @@ def test_interrupts_exit_with_the_signal_code(llama, write_recipe, run_cli, tmp_
         os.kill(os.getpid(), getattr(signal, signal_name))
         raise AssertionError("the signal did not stop the command")
 
-    monkeypatch.setattr(sys.modules["mergesmith.merge"], "merge", interrupted)
+    monkeypatch.setattr(sys.modules["mergesmith.api"], "merge", interrupted)
     line = one_error_line(run_cli("merge", write_recipe(linear_recipe(llama["ft1"])), tmp_path / "out"), code=code)
     assert f"interrupted ({name})" in line
     assert signal.getsignal(getattr(signal, signal_name)) is before  # main() gives the handler back
@@ -437,8 +437,9 @@ def test_a_sidecar_killed_mid_write_is_cleaned_up_by_the_next_measure(tmp_path):
         save_stats(tmp_path / "stats", stats, {"fisher/w": 4}, model="m")
     assert not beside.exists() and PARTIAL not in os.listdir(tmp_path / "stats")
     inside = _leftover(tmp_path / "stats", "stats", 999_999_998, {**dead, "pid": 999_999_998})  # an existing one's
-    foreign = tmp_path / "stats" / ".stats.tmp-5"
+    foreign = tmp_path / "stats" / ".stats.tmp-5"  # our name, but no marker: not ours
     foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         save_stats(tmp_path / "stats", stats, {"fisher/w": 4}, model="m")
@@ -468,7 +469,7 @@ def test_a_disk_too_small_for_the_output_is_refused_before_the_merge(recipe_of_t
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(sys.modules["mergesmith.merge"].shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(sys.modules["mergesmith.api"].shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     line = one_error_line(run_cli("merge", recipe_of_two, tmp_path / "out"))
     assert re.search(r"the merge writes 0\.00 GB but .* has only 0\.00 GB free", line), line
 

@@ -9,6 +9,7 @@ these checks) naming the file and the tensor or entry.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -540,6 +541,9 @@ class CheckpointReader:
                 raise EOFError("the file is shorter than when it was opened")
             return _map_tensor(fd, offset, nbytes, dtype, shape)
         except (OSError, EOFError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOMEM:  # the machine's limit, not the file's fault
+                raise MemoryError(f"no memory left to map tensor {quote_name(key)} of {file} "
+                                  f"({nbytes / 1e6:.1f} MB)") from None
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise CheckpointError(f"{file}: cannot read tensor {quote_name(key)} ({reason}); was the file changed "
                                   f"during the merge?") from None

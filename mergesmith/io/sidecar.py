@@ -27,7 +27,15 @@ from safetensors.torch import save_file
 
 from mergesmith.errors import MergeWarning, OutputError, StatisticsError, UsageError, did_you_mean
 from mergesmith.io.checkpoint import SafetensorsHeader, contained_file, quote_name, read_json, safetensors_header
-from mergesmith.io.writer import PARTIAL, OutputTensor, clean_leftovers, mark_partial, parse_size, shard_layout
+from mergesmith.io.writer import (
+    PARTIAL,
+    OutputTensor,
+    clean_leftovers,
+    mark_partial,
+    parse_size,
+    remove_ours,
+    shard_layout,
+)
 
 FORMAT = "mergesmith-stats/1"
 FILENAME = "stats.safetensors"
@@ -160,7 +168,7 @@ def _write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
         for name in stale:
             (directory / name).unlink(missing_ok=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_ours(staging)
 
 
 def _say_removed(line: str) -> None:

@@ -88,6 +88,23 @@ def _listed(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def remove_ours(folder: Path) -> None:
+    """Delete a folder mergesmith wrote, its markers last: a run killed halfway through leaves a folder that
+    still says whose it is, so the next run can finish the job (``shutil.rmtree`` goes in directory order)."""
+    markers = [folder / MARKER, folder / PARTIAL]
+    for child in folder.iterdir() if folder.is_dir() else []:
+        if child in markers:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    for marker in markers:
+        marker.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _process_start(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, from /proc), to tell it from a reused pid."""
     try:
@@ -118,11 +135,14 @@ def clean_leftovers(target: Path, log: Callable[[str], None] | None = None) -> N
         match = _LEFTOVER.match(folder.name)
         if match is None or match["name"] != target.name or not folder.is_dir() or folder.is_symlink():
             continue
+        if not any(folder.iterdir()):  # emptied by a run killed just before its last rmdir: nothing to lose
+            folder.rmdir()
+            continue
         if match["kind"] == "tmp":
             partial = (folder / PARTIAL).exists()
             if not (partial or (folder / MARKER).exists()) or (partial and _writer_alive(folder)):
                 continue  # not ours, or its run is still writing it
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_ours(folder)
             if log is not None:
                 log(f"removed {folder}, the unfinished output of an interrupted run")
         elif (folder / MARKER).exists():
@@ -131,7 +151,7 @@ def clean_leftovers(target: Path, log: Callable[[str], None] | None = None) -> N
                 if log is not None:
                     log(f"restored {target} from {folder.name}, where an interrupted --overwrite had left it")
             elif foreign_files(folder) == []:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_ours(folder)
                 if log is not None:
                     log(f"removed {folder}, an output an interrupted --overwrite had replaced")
 
@@ -174,12 +194,12 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False, *, inputs: Co
                 old = target.parent / f".{target.name}.old-{os.getpid()}"
                 target.rename(old)
                 temporary.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
+                remove_ours(old)
                 return
             target.rmdir()
         temporary.rename(target)
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        remove_ours(temporary)
         raise
 
 
@@ -271,8 +291,9 @@ class ShardedWriter:
         self._written: set[str] = set()
         self._queue: queue.Queue = queue.Queue(maxsize=pending)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="mergesmith-writer", daemon=True)
-        self._thread.start()
+        # started by the first add(), inside the caller's try that aborts it: a thread started here could
+        # outlive an interrupt landing before that try, and abort the interpreter at exit
+        self._thread: threading.Thread | None = None
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -303,13 +324,17 @@ class ShardedWriter:
         if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
             raise RuntimeError(f"'{name}' came out as {tuple(tensor.shape)} {tensor.dtype}, planned "
                                f"{expected.shape} {expected.dtype}")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="mergesmith-writer", daemon=True)
+            self._thread.start()
         self._queue.put((name, tensor.contiguous()))
         self._written.add(name)
         self.bytes_written += expected.nbytes
 
     def _stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
