@@ -174,11 +174,6 @@ def _check_shapes(job_name: str, reads: list[TensorInput]) -> tuple[int, ...]:
     """The common shape of a job's inputs; a missing tensor, a shape mismatch, or a floating-point tensor in
     one model that is an integer or boolean one in another (not a weight to average) is a CheckpointError.
     Floating dtypes may differ: every input is merged in the compute dtype."""
-    kinds = {read.source.dtype(read.key).is_floating_point for read in reads if read.key in read.source.keys()}
-    if len(kinds) > 1:
-        dtypes = ", ".join(f"'{r.source.name}' has {str(r.source.dtype(r.key)).removeprefix('torch.')}"
-                           for r in reads)
-        raise CheckpointError(f"dtype mismatch for '{job_name}': {dtypes}; are these checkpoints of the same model?")
     shapes = []
     for read in reads:
         try:
@@ -192,6 +187,10 @@ def _check_shapes(job_name: str, reads: list[TensorInput]) -> tuple[int, ...]:
             hint = " Is one checkpoint transposed?" if tuple(reversed(shape)) == shapes[0] else ""
             raise CheckpointError(f"Shape mismatch for '{job_name}': '{first.source.name}' has {shapes[0]}, "
                                   f"'{read.source.name}' has {shape}.{hint}")
+    if len({read.source.dtype(read.key).is_floating_point for read in reads}) > 1:
+        dtypes = ", ".join(f"'{r.source.name}' has {str(r.source.dtype(r.key)).removeprefix('torch.')}"
+                           for r in reads)
+        raise CheckpointError(f"dtype mismatch for '{job_name}': {dtypes}; are these checkpoints of the same model?")
     return shapes[0]
 
 
