@@ -124,9 +124,10 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
             raise
         write_config(config_dir, directory, layers=_layer_change(plan), dtype=_output_dtype(plan))
         copy_tokenizer(tokenizer_dir, directory)
-        models = sorted({s.name for s in plan.sources} - {recipe.base_model})
-        write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name,
-                         base_model=recipe.base_model, models=models,
+        base = recipe.base_model if plan.method.base != "ignored" else None  # an unused base is no base
+        models = sorted({s.name for s in plan.sources} - {base})
+        write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name, base_model=base,
+                         models=models,
                          reproduce=reproduction(recipe, plan, seed=seed, device=device,
                                                 allow_nonfinite=allow_nonfinite))
         files += _write_kept_heads(plan, directory)

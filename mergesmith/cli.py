@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -12,14 +13,31 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mergesmith.errors import MergeError
+from mergesmith.errors import MergeError, MergeWarning
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help, which wraps at any width (rich's cuts option names at 80 columns)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Merge fine-tuned checkpoints of one architecture into one model.")
+# Off a terminal (a pipe, a log file) rich would cut table cells at 80 columns: no limit there, so that
+# tensor names stay whole for grep
+_WIDE = 10_000
 console = Console(stderr=True)  # progress, summaries, warnings and errors
+if not console.is_terminal:
+    console.width = _WIDE
 # what a user asked to see (methods, stats inspect, a dry run): stdout, to pipe or grep
 listing = Console(soft_wrap=True)
+if not listing.is_terminal:
+    listing.width = _WIDE
+
+
+def _reader_left() -> None:
+    """`mergesmith methods | head`: the reader has what it wanted, which is success (rich would exit 1)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+    raise SystemExit(0)
+
+
+listing.on_broken_pipe = _reader_left
 
 
 def _print_version(value: bool) -> None:
@@ -42,7 +60,10 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= 0.1 * size:
+            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _reuse_freed_memory() -> None:
@@ -59,8 +80,8 @@ def _reuse_freed_memory() -> None:
 
 
 @app.command()
-def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's format is accepted)."),
-          output: Path = typer.Argument(..., help="Directory to write the merged model to."),
+def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe (mergekit's format is accepted)."),
+          output: Path = typer.Argument(..., metavar="OUTPUT", help="Directory to write the merged model to."),
           device: str = typer.Option("cpu", help="Where the arithmetic runs: cpu, cuda, cuda:1."),
           max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB or 200MB."),
           overwrite: bool = typer.Option(False, help="Replace OUTPUT if a previous mergesmith merge wrote it "
@@ -91,7 +112,7 @@ def merge(recipe: Path = typer.Argument(..., help="YAML recipe (mergekit's forma
         summary = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
                             seed=seed, allow_nonfinite=allow_nonfinite, on_plan=planned,
                             on_tensor=lambda job: progress.update(task, advance=1, name=job.name),
-                            on_notice=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
+                            on_notice=lambda line: _show_warning(line, MergeWarning, "", 0))
     finally:
         progress.stop()
     if quiet:
@@ -154,13 +175,15 @@ def solver_table(reports: dict[str, dict], shown: int = 40) -> Table:
 
 
 @app.command()
-def methods(name: str = typer.Argument(None, help="One method to describe (default: all).")) -> None:
+def methods(name: str = typer.Argument(None, metavar="[METHOD]", help="One method to describe (default: all).")
+            ) -> None:
     """List the merge methods with each parameter's default, range and meaning."""
     from mergesmith.methods import get_method, method_names
 
-    for method in [name] if name else method_names():
+    for method in [name.lower()] if name else method_names():
         spec = get_method(method)
-        listing.print(f"[bold]{spec.name}[/bold]  {escape(spec.summary)}", highlight=False)
+        summary = spec.summary.replace("``", "")  # the docstrings' code markup reads as noise in a terminal
+        listing.print(f"[bold]{spec.name}[/bold]  {escape(summary)}", highlight=False)
         base = {"required": "needs a base_model", "optional": "base_model optional", "ignored": "no base_model"}
         listing.print(f"    {base[spec.base]}" + (f"; {spec.reference}" if spec.reference else ""), highlight=False)
         for p in spec.params:
@@ -186,17 +209,25 @@ def demo(workdir: Path = typer.Option(None, help="Where to keep the demo's model
 
 
 @app.command()
-def measure(model: Path = typer.Argument(..., help="Local Hugging Face model directory."),
+def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Hugging Face model directory."),
             data: Path = typer.Option(..., "--data", help="JSONL, CSV, text (one example per line), parquet, "
                                       "or a saved `datasets` directory."),
             output: Path = typer.Option(..., "-o", "--output", help="Sidecar directory to write."),
-            kind: list[str] = typer.Option(["fisher"], help="fisher, gram or kfac; repeat for several."),
+            overwrite: bool = typer.Option(False, help="Replace the sidecar OUTPUT already holds (its statistics "
+                                           "files only)."),
+            kind: list[str] = typer.Option(["fisher"], metavar="KIND",
+                                           help="fisher, gram or kfac; repeat for several."),
             task: str = typer.Option(None, help="causal-lm or seq-cls (default: from config.json)."),
-            text_field: str = typer.Option("text"), label_field: str = typer.Option(None),
+            text_field: str = typer.Option("text", help="The field holding each example's text (JSONL, CSV, "
+                                           "parquet, datasets)."),
+            label_field: str = typer.Option(None, help="The field holding each example's class index (seq-cls)."),
             max_length: int = typer.Option(512, help="Longest sequence in tokens; never past the model's own "
                                            "maximum (longer examples are truncated, with a warning)."),
-            batch_size: int = typer.Option(8), max_examples: int = typer.Option(None), seed: int = typer.Option(0),
-            device: str = typer.Option("cpu"),
+            batch_size: int = typer.Option(8, help="Examples per forward and backward pass."),
+            max_examples: int = typer.Option(None, help="Measure on this many examples, drawn with --seed "
+                                             "(default: all)."),
+            seed: int = typer.Option(0, help="Seed for --max-examples and for the labels of --fisher sampled."),
+            device: str = typer.Option("cpu", help="Where the model runs: cpu, cuda, cuda:1."),
             fisher: str = typer.Option("empirical", help="empirical (data labels), sampled (labels drawn from "
                                        "the model) or exact (seq-cls only)."),
             samples: int = typer.Option(1, help="Label draws per example for --fisher sampled, each weighted 1/k."),
@@ -237,7 +268,7 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
     from mergesmith.measure.select import compile_excludes, parse_factor_budget
 
     # every option first, then the model's files, then the data: all before any weight is read
-    kinds = check_kinds(kind)
+    kinds = check_kinds([k.strip() for given in kind for k in given.split(",") if k.strip()])  # fisher,gram too
     if task is not None:
         check_task(task)
     variants = ("empirical", "sampled", "exact")
@@ -261,7 +292,7 @@ def measure(model: Path = typer.Argument(..., help="Local Hugging Face model dir
         raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    check_writable(output)  # before the work, not after it
+    check_writable(output, overwrite)  # before the work, not after it
     config = read_config(model, trust_remote_code=trust_remote_code)
     task = task or infer_task(model, config)
     if fisher == "exact" and task == "causal-lm":
@@ -340,8 +371,10 @@ app.add_typer(stats_app, name="stats")
 
 
 @stats_app.command("combine")
-def stats_combine(sources: list[Path] = typer.Argument(..., help="Sidecars of one model, measured on disjoint data."),
-                  output: Path = typer.Option(..., "-o", "--output"),
+def stats_combine(sources: list[Path] = typer.Argument(..., metavar="SIDECAR",
+                                                      help="Sidecars of one model, measured on disjoint data."),
+                  output: Path = typer.Option(..., "-o", "--output", help="Sidecar directory to write."),
+                  overwrite: bool = typer.Option(False, help="Replace the sidecar OUTPUT already holds."),
                   max_shard_size: str = typer.Option("5GB", help="Largest sidecar file, e.g. 5GB or 200MB; above "
                                                      "it the sidecar is sharded.")) -> None:
     """Combine sidecars exactly: count-weighted means. Inputs may be sharded; one input alone reshards it."""
@@ -349,12 +382,12 @@ def stats_combine(sources: list[Path] = typer.Argument(..., help="Sidecars of on
     from mergesmith.io.writer import parse_size
 
     limit = parse_size(max_shard_size)
-    check_writable(output)
+    check_writable(output, overwrite, inputs=tuple(sources))
     console.print(f"wrote {combine_stats(list(sources), output, max_shard_size=limit)}")
 
 
 @stats_app.command("inspect")
-def stats_inspect(source: Path = typer.Argument(..., help="A sidecar directory.")) -> None:
+def stats_inspect(source: Path = typer.Argument(..., metavar="SIDECAR", help="A sidecar directory.")) -> None:
     """Print what a sidecar holds."""
     from mergesmith.io.sidecar import StatsReader
 
@@ -390,8 +423,6 @@ def _raise_terminated(signal_number: int, _frame: object) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     """Every warning is one ``warning:`` line on stderr (ours say what to do; others keep their source)."""
-    from mergesmith.errors import MergeWarning
-
     where = "" if issubclass(category, MergeWarning) else f" ({Path(filename).name}:{lineno})"
     console.print(f"[yellow]warning:[/yellow] {escape(str(message))}{where}", highlight=False, soft_wrap=True)
 
@@ -464,6 +495,8 @@ def _run(args: list[str], debug: bool) -> None:
         hint = f" (see '{context.command_path} --help')" if context is not None else ""
         _error_line(" ".join(e.format_message().split()) + hint)
         sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
+    except BrokenPipeError:  # a listing printed by typer or click rather than rich
+        _reader_left()
     except MemoryError as e:  # the machine's limit: neither the user's input nor a bug
         if debug:
             raise
@@ -486,7 +519,7 @@ def _interrupted(number: int) -> None:
     import signal
 
     name = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
-    _error_line(f"interrupted ({name}); an unfinished output was removed, nothing half-written was left")
+    _error_line(f"interrupted ({name}); nothing half-written was left (an unfinished output is removed)")
     sys.exit(128 + number)
 
 

@@ -14,6 +14,7 @@ recipe's line, before any checkpoint is opened.
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
 from collections.abc import Iterator
@@ -226,8 +227,9 @@ def load_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[int, Any]]
         if isinstance(e, _DuplicateKey):
             raise RecipeError(f"recipe {source}{_position(mark)}: {problem}") from None
         context = f" ({e.context})" if e.context and e.problem else ""
+        hint = "; indent with spaces, YAML does not allow tabs" if "'\\t'" in problem else ""
         raise RecipeError(f"recipe {source}{_position(mark) if mark else ''}: invalid YAML: {problem}{context}"
-                          ) from None
+                          f"{hint}") from None
     except yaml.reader.ReaderError as e:  # a control character
         line = text.count("\n", 0, e.position) + 1
         column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
@@ -293,7 +295,8 @@ def _reject_unsupported(data: Any, where: str) -> Any:
     if isinstance(data, dict):
         for key, what in UNSUPPORTED.items():
             if data.get(key) is not None:
-                message = f"{what} at {where}'{key}' is not supported by mergesmith; remove the key"
+                place = f" at {where}'{key}'" if where else ""
+                message = f"{what}{place} is not supported by mergesmith; remove the key"
                 if where:  # inside a section: pydantic adds the section's position
                     raise ValueError(message)
                 raise _Located(f"recipe: {message}", (key,))
@@ -597,9 +600,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = path.read_bytes()
     except FileNotFoundError:
         folder = path.parent if path.parent.is_dir() else None
-        nearby = [p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")] if folder else []
-        close = did_you_mean(path.name, nearby) if nearby else ""
-        raise RecipeError(f"recipe {path} not found{close if 'did you mean' in close else ''}") from None
+        nearby = {p.stem: p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")} if folder else {}
+        close = difflib.get_close_matches(path.stem, nearby, n=1, cutoff=0.75)  # names, not their common suffix
+        raise RecipeError(f"recipe {path} not found" + (f" (did you mean '{nearby[close[0]]}'?)" if close else "")
+                          ) from None
     except OSError as e:
         raise RecipeError(f"recipe {path} cannot be read: {e.strerror or e}") from None
     try:

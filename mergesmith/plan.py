@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from mergesmith.architecture import EMBEDDING_HINTS, HEAD_PREFIXES, is_head, split_layer_name
 from mergesmith.config import Recipe, resolve
-from mergesmith.errors import CheckpointError, RecipeError, StatisticsError
+from mergesmith.errors import CheckpointError, MergeWarning, RecipeError, StatisticsError
 from mergesmith.io.checkpoint import TensorSource
 from mergesmith.io.sidecar import KINDS, weights_fingerprint
 from mergesmith.methods import MergeMethod, get_method
@@ -83,6 +84,9 @@ class Plan:
             prefetch=prefetch)
 
 
+THREAD_OVERHEAD = 64 << 20
+
+
 @dataclass(frozen=True)
 class PlanSize:
     """Bytes a merge reads and writes, and the terms of its memory bound.
@@ -90,7 +94,7 @@ class PlanSize:
     While job k is computed, the reader holds the inputs of at most ``prefetch`` + 1 later jobs (mapped
     from the page cache and checked for NaN, so resident), and the writer at most 3 finished tensors
     (two queued, one being written): peak ≈ start-up + (prefetch + 2) · largest job's input bytes + the
-    largest job's working copies + 3 · the largest output tensor."""
+    largest job's working copies + 3 · the largest output tensor + 64 MB of thread stacks and arenas."""
 
     tensors: int
     by_method: dict[str, int]
@@ -102,8 +106,10 @@ class PlanSize:
     prefetch: int
 
     def peak_bound(self, start_up: int) -> int:
-        """The most resident memory the merge needs above ``start_up`` (the process before it begins)."""
-        return start_up + (self.prefetch + 2) * self.largest_read + self.largest_work + 3 * self.largest_output
+        """The most resident memory the merge needs, ``start_up`` being the process before it begins; 64 MB
+        more cover the reader's and writer's thread stacks and allocator arenas, which the terms above omit."""
+        return (start_up + (self.prefetch + 2) * self.largest_read + self.largest_work + 3 * self.largest_output
+                + THREAD_OVERHEAD)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -248,6 +254,15 @@ class _Planner:
             raise StatisticsError(f"{sidecar.where()} was measured on other weights: '{key}' differs from model "
                                   f"'{model}''s; give each model the sidecar measured on it")
 
+    def _check_base_stats(self, base: _Source, kinds: tuple[str, ...]) -> None:
+        sidecar = self.sidecar(base)
+        lacking = [k for k in kinds if sidecar is None or k not in sidecar.kinds]
+        if lacking:
+            where = f"its sidecar {base.stats} has no '{lacking[0]}'" if sidecar is not None else "it has none"
+            raise RecipeError(f"recipe: {self.method.name} with these parameters needs the base model's "
+                              f"'{lacking[0]}' statistics and {where}; give the base one: base_model: "
+                              f"{{model: {base.model}, stats: DIR}}")
+
     def tensor_stats(self, name: str, shape: tuple[int, ...], kwargs: dict[str, Any], base_src: _Source | None,
                      others: list[_Source], key_of: Callable[[_Source], str]) -> TensorStats | None:
         if self.method.needs is None:
@@ -285,6 +300,8 @@ class _Planner:
         shared_only = {k: v for k, v in shared.items() if not self._is_per_model(k)}
         kwargs = self.method.bind(shared_only, per_model, where)
         self.method.check(kwargs, base_src is not None, len(others), f"recipe (at tensor '{name}')")
+        if base_src is not None and self.method.base_needs is not None:
+            self._check_base_stats(base_src, self.method.base_needs(kwargs))
         first = (base or inputs[0])
         stored = first.source.dtype(first.key)
         out_dtype = self.recipe.output_dtype if stored.is_floating_point and self.recipe.output_dtype else stored
@@ -315,6 +332,10 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
             s.base_model is None for s in recipe.slices or []):
         raise RecipeError(f"recipe: method '{method.name}' needs a base_model")
     check_recipe_values(recipe, method)
+    listed = {m.model for m in recipe.models or []} | {src.model for out in recipe.slices or [] for src in out.sources}
+    if not uses_base and recipe.base_model is not None and recipe.base_model not in listed:
+        warnings.warn(MergeWarning(f"'{method.name}' does not use a base model: base_model '{recipe.base_model}' "
+                                   f"is neither read nor merged (list it under models to merge it)"), stacklevel=2)
     slices = _normalised_slices(recipe, uses_base)
     for index, out_slice in enumerate(slices):
         has_base = uses_base and any(s.model == out_slice.base_model for s in out_slice.sources)

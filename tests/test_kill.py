@@ -142,7 +142,8 @@ def assert_only_target_and_leftovers(out: Path) -> None:
 
 
 def removal_lines(stderr: str, folder: Path) -> list[str]:
-    return [line for line in ANSI.sub("", stderr).splitlines() if line.startswith("removed ") and str(folder) in line]
+    return [line for line in ANSI.sub("", stderr).splitlines()
+            if line.startswith("warning: removed ") and str(folder) in line]
 
 
 def wait_until_writing(proc: subprocess.Popen, out: Path, limit: float = 60) -> Path:

@@ -40,6 +40,11 @@ def linear_recipe(*models: Path) -> dict:
     return {"merge_method": "linear", "models": [{"model": str(m)} for m in models]}
 
 
+def in_bytes(text: str) -> float:
+    number, unit = re.match(r"([\d.]+) (bytes|KB|MB|GB)", text).groups()
+    return float(number) * {"bytes": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
     merged = {}
     for shard in sorted(directory.glob("*.safetensors")):
@@ -196,8 +201,8 @@ def test_dry_run_prints_the_plan_and_reads_no_tensor(llama, write_recipe, run_cl
     header = CheckpointReader(llama["base"])
     assert fields["tensors"].startswith(f"{len(header.keys())} (")
     tensor_bytes = sum(torch.Size(header.shape(k)).numel() * header.dtype(k).itemsize for k in header.keys())
-    assert fields["to read"] == f"{3 * tensor_bytes / 1e6:.1f} MB"  # base and two fine-tunes, once each
-    assert fields["to write"].startswith(f"{tensor_bytes / 1e6:.1f} MB in ")
+    assert in_bytes(fields["to read"]) == pytest.approx(3 * tensor_bytes, rel=0.01)  # base and two fine-tunes
+    assert in_bytes(fields["to write"]) == pytest.approx(tensor_bytes, rel=0.01)
     assert int(re.search(r"in (\d+) shard", fields["to write"])[1]) > 1
     assert fields["output"] == f"would create {out}"
 
@@ -207,7 +212,7 @@ def test_dry_run_fails_like_the_merge(llama, write_recipe, run_cli, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     line = one_error_line(run_cli("merge", recipe, tmp_path / "taken", "--dry-run"))
-    assert "already exists" in line
+    assert "already exists and was not written by mergesmith" in line
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,7 +240,7 @@ def test_overwrite_refuses_a_mergesmith_output_with_a_file_put_in_it(recipe_of_t
     (out / "eval" ).mkdir()
     (out / "eval" / "scores.json").write_text("{}")
     line = one_error_line(run_cli("merge", recipe_of_two, out, "--overwrite"))
-    assert "eval/scores.json" in line
+    assert "eval/scores.json, which is not part of the merge" in line
     assert (out / "eval" / "scores.json").exists()
 
 
@@ -515,3 +520,71 @@ def test_dtypes_across_models(llama, write_recipe, run_cli, tmp_path, dtype, acc
 def test_a_misspelt_recipe_file_is_suggested(recipe_of_two, run_cli, tmp_path):
     line = one_error_line(run_cli("merge", recipe_of_two.with_suffix(".yml"), tmp_path / "out"))
     assert line.endswith(f"not found (did you mean '{recipe_of_two.name}'?)"), line
+
+
+def test_measure_never_replaces_a_sidecar_unasked(llama, run_cli, tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(6)))
+    stats = tmp_path / "stats"
+    measure = ("measure", llama["base"], "--data", data, "--kind", "fisher", "-o", stats)
+    assert run_cli(*measure).code == 0
+    first = (stats / "stats.safetensors").read_bytes()
+    line = one_error_line(run_cli(*measure))
+    assert "already holds a sidecar (stats.safetensors); pass --overwrite" in line
+    assert (stats / "stats.safetensors").read_bytes() == first
+    assert run_cli(*measure, "--overwrite").code == 0
+    line = one_error_line(run_cli("stats", "combine", stats, "-o", stats, "--overwrite"))
+    assert "it is an input" in line
+
+
+@pytest.mark.parametrize("name,pattern", [
+    ("./base", r"not found at /.*/base \(relative paths are taken from the current directory"),
+    ("meta-llama/Llama-3-8B", r"never downloads: download it first"),
+    ("~/no-such-model-here", r"not found at /.*/no-such-model-here$"),
+])
+def test_a_missing_model_says_where_it_looked(run_cli, write_recipe, tmp_path, monkeypatch, name, pattern):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(run_cli("merge", write_recipe(f"merge_method: linear\nmodels: [{{model: '{name}'}}]\n"),
+                                  tmp_path / "out"))
+    assert re.search(pattern, line), line
+
+
+def test_a_prior_from_the_base_needs_the_base_s_statistics_at_plan_time(llama, write_recipe, run_cli, tmp_path,
+                                                                        no_tensor_reads):
+    recipe = write_recipe({"merge_method": "gradient_matching", "base_model": str(llama["base"]),
+                           "models": [{"model": str(llama["ft1"]), "stats": str(tmp_path / "unused")}],
+                           "parameters": {"prior": "base"}})
+    line = one_error_line(run_cli("merge", recipe, tmp_path / "out"))
+    assert "needs the base model's 'fisher' statistics and it has none" in line
+    assert f"base_model: {{model: {llama['base']}, stats: DIR}}" in line
+
+
+def test_a_listing_cut_short_by_its_reader_exits_0(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(f"set -o pipefail; {sys.executable} -m mergesmith methods | head -1", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("breadcrumbs ")
+
+
+def test_methods_lists_each_parameter_s_default_range_and_meaning_on_stdout(run_cli):
+    from mergesmith.methods import get_method
+
+    result = run_cli("methods", "TIES")
+    assert result.code == 0 and result.stderr == ""
+    for p in get_method("ties").params:
+        default = str(p.default).lower() if isinstance(p.default, bool) else str(p.default)
+        scope = "per model" if p.per_model else "global"
+        assert f"    {p.name} ({scope}): default {default}, {p.range_text}\n        {p.help}\n" in result.stdout
+    assert "``" not in result.stdout
+
+
+def test_a_base_model_the_method_does_not_use_is_said(llama, write_recipe, run_cli, tmp_path):
+    recipe = {**linear_recipe(llama["base"], llama["ft1"]), "base_model": str(llama["ft2"])}
+    out = tmp_path / "out"
+    result = run_cli("merge", write_recipe(recipe), out, "--quiet")
+    assert result.code == 0, result.stderr
+    assert f"'linear' does not use a base model: base_model '{llama['ft2']}' is neither read nor merged" \
+        in result.stderr
+    assert "Base model:" not in (out / "README.md").read_text()

@@ -379,6 +379,16 @@ def _read_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, shape: t
 _ADVICE = "re-download the model, or convert it again"
 
 
+def _not_found(name: str, path: Path) -> str:
+    where = f"{path.absolute()}" + ("" if path.is_absolute() else " (relative paths are taken from the current "
+                                                                  "directory, as in mergekit)")
+    # 'org/name' with nothing local by that name: most likely a hub id, which mergesmith never fetches
+    looks_like_hub = not path.is_absolute() and not name.startswith((".", "~")) and name.count("/") == 1
+    hint = ("; mergesmith reads local paths only and never downloads: download it first (huggingface-cli "
+            "download) and give its directory") if looks_like_hub else ""
+    return f"model '{name}' not found at {where}{hint}"
+
+
 class CheckpointReader:
     """Reads a Hugging Face model directory (``model.safetensors``, sharded safetensors with an index,
     or ``pytorch_model*.bin`` loaded with ``torch.load(weights_only=True, mmap=True)``) or a single
@@ -389,11 +399,10 @@ class CheckpointReader:
     ``contained_file``), and that the index and its shards list the same tensors."""
 
     def __init__(self, path: str | Path, name: str | None = None):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.name = name or str(path)
         if not _exists(self.path):
-            raise CheckpointError(f"model '{self.name}' not found at {self.path}: mergesmith reads local paths "
-                                  f"only and never downloads; pass a local directory or .safetensors file")
+            raise CheckpointError(_not_found(self.name, self.path))
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._span: dict[str, tuple[int, int]] = {}  # safetensors: (absolute offset, byte count)

@@ -65,12 +65,17 @@ def model_identity(named_shapes: dict[str, tuple[int, ...]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_writable(directory: str | Path) -> None:
-    """Refuse, before any work, an output that cannot become a sidecar directory: a file, or a path under a
-    file or an unwritable directory."""
+def check_writable(directory: str | Path, overwrite: bool = False, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Refuse, before any work, an output that cannot or may not become a sidecar directory: a file, a path
+    under a file or an unwritable directory, a directory that already holds a sidecar (unless
+    ``overwrite``: hours of measuring are not replaced by accident), or one of the ``inputs``."""
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise OutputError(f"cannot write statistics to {directory}: it exists and is not a directory")
+    for given in inputs:
+        if directory.resolve() == Path(given).absolute().resolve():
+            raise OutputError(f"cannot write statistics to {directory}: it is an input ({given}); name another "
+                              f"directory")
     ancestor = directory
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -78,6 +83,10 @@ def check_writable(directory: str | Path) -> None:
         raise OutputError(f"cannot write statistics to {directory}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK):
         raise OutputError(f"cannot write statistics to {directory}: {ancestor} is not writable")
+    existing = sorted(_sidecar_files(directory)) if directory.is_dir() else []
+    if existing and not overwrite:
+        raise OutputError(f"{directory} already holds a sidecar ({existing[0]}); pass --overwrite to replace it "
+                          f"(only its statistics files are replaced), or name another directory")
 
 
 def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: dict[str, int], *,

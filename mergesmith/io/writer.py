@@ -62,15 +62,15 @@ def check_output(target: Path, overwrite: bool, inputs: Collection[Path] = ()) -
         raise OutputError(f"output {target} exists and is not a directory; name a new directory")
     if not any(target.iterdir()):
         return  # an empty directory someone made for the output
-    if not overwrite:
-        raise OutputError(f"output {target} already exists; pass --overwrite to replace it")
     foreign = foreign_files(target)
     if foreign is None:
-        raise OutputError(f"output {target} was not written by mergesmith (it has no {MARKER} marker), so "
-                          f"--overwrite will not replace it; name a new directory")
+        raise OutputError(f"output {target} already exists and was not written by mergesmith (it has no {MARKER} "
+                          f"marker); name a new directory (--overwrite replaces only mergesmith's own outputs)")
     if foreign:
-        raise OutputError(f"output {target} holds {_listed(foreign)}, which mergesmith did not write, so "
-                          f"--overwrite will not delete it; move it away or name a new directory")
+        raise OutputError(f"output {target} holds {_listed(foreign)}, which is not part of the merge mergesmith "
+                          f"wrote there, so it will not be replaced; move it away or name a new directory")
+    if not overwrite:
+        raise OutputError(f"output {target} already exists (an earlier merge); pass --overwrite to replace it")
 
 
 def foreign_files(directory: Path) -> list[str] | None:

@@ -240,6 +240,7 @@ def _mats_start(base: Tensor | None, tensors: Sequence[Tensor], average: Tensor,
 
 
 @register("gradient_matching", base="required", validate=nonzero_weight_sum, reference="arXiv:2310.12808",
+          base_needs=lambda kwargs: ("fisher",) if kwargs["prior"] == "base" else (),
           needs=lambda kwargs: ("fisher", "fisher_count"), params=[
     WEIGHT,
     Param("data_size", float, 0.0, per_model=True, interval=(0.0, float("inf")),

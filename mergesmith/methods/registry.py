@@ -148,6 +148,8 @@ class MergeMethod:
     needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
     validate: Validator | None = None
     reports: bool = False  # the function takes ``report``, a dict it fills with solver diagnostics
+    # statistics the base model's sidecar must hold, given the bound parameters (a prior from the base)
+    base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
 
     def check(self, kwargs: dict[str, Any], has_base: bool, n_models: int, where: str) -> None:
         """The method's own check of a combination of parameters and inputs (see ``Validator``)."""
@@ -226,7 +228,8 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
              min_models: int = 1, max_models: int | None = None, random: bool = False,
              upcast_inputs: bool = True, reference: str = "",
              needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
-             validate: Validator | None = None, reports: bool = False
+             validate: Validator | None = None, reports: bool = False,
+             base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
@@ -241,7 +244,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         # the docstring's first paragraph, on one line (it states the formula)
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
-                                     upcast_inputs, reference, summary, needs, validate, reports)
+                                     upcast_inputs, reference, summary, needs, validate, reports, base_needs)
         return function
 
     return decorate
