@@ -150,7 +150,8 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
         rows.append(("without statistics", f"{len(plan.fallback)} tensors would take the method's fallback"))
     verb = "replace" if output.exists() and any(output.iterdir()) else "create"
     rows += [("to read", _gb(size.bytes_read)),
-             ("to write", f"{_gb(size.bytes_written)} in {len(shards)} shard(s) of at most {max_shard_size}"),
+             ("to write", f"{_gb(size.bytes_written)} in {len(shards)} shard(s) of at most {max_shard_size}"
+                          + (" (a larger tensor gets a shard of its own)" if size.largest_output > limit else "")),
              ("peak memory", f"at most {_gb(size.peak_bound(peak_rss_bytes()))} (the largest job reads "
                              f"{_gb(size.largest_read)}; see the README's Safety section)"),
              ("output", f"would {verb} {output}")]
@@ -321,7 +322,8 @@ def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Huggi
         log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
         stream = batches(examples, tokenizer, batch_size=batch_size, max_length=length, device=torch.device(device))
         progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-                            TimeElapsedColumn(), console=console, transient=True, disable=rank != 0)
+                            TimeElapsedColumn(), console=console, transient=True,
+                            disable=rank != 0 or not console.is_terminal)  # no bars in a log file
         with progress:
             counter = progress.add_task("measure", total=len(examples))
 
