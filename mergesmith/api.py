@@ -12,7 +12,7 @@ import torch
 
 from mergesmith.architecture import split_layer_name
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.errors import MergeWarning, OutputError, RecipeError
+from mergesmith.errors import MergeWarning, OutputError, RecipeError, human_size
 from mergesmith.execute import MergeSummary, check_device, execute
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file
@@ -84,8 +84,8 @@ def _check_space(output: Path, needed: int) -> None:
     existing = next(p for p in [output.absolute(), *output.absolute().parents] if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed:
-        raise OutputError(f"output {output}: the merge writes {needed / 1e9:.2f} GB but {existing} has only "
-                          f"{free / 1e9:.2f} GB free; free some space or choose another output")
+        raise OutputError(f"output {output}: the merge writes {human_size(needed)} but {existing} has only "
+                          f"{human_size(free)} free; free some space or choose another output")
 
 
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *, device: str = "cpu",

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mergesmith.errors import MergeError, MergeWarning
+from mergesmith.errors import MergeError, MergeWarning, human_size
 
 # rich_markup_mode=None: click's plain help, which wraps at any width (rich's cuts option names at 80 columns)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -57,13 +57,6 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
           debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (anywhere on the "
                                      "command line).")) -> None:
     """Merge fine-tuned checkpoints of one architecture into one model."""
-
-
-def _gb(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= 0.1 * size:
-            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
 
 
 def _reuse_freed_memory() -> None:
@@ -121,10 +114,10 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
     table.add_row("method", summary.method)
     table.add_row("models", ", ".join(summary.models))
     table.add_row("tensors", str(summary.tensors))
-    table.add_row("read / written", f"{_gb(summary.bytes_read)} / {_gb(summary.bytes_written)} "
+    table.add_row("read / written", f"{human_size(summary.bytes_read)} / {human_size(summary.bytes_written)} "
                   f"in {len(summary.files)} shard(s)")
     table.add_row("wall time", f"{summary.seconds:.2f} s")
-    table.add_row("peak memory", _gb(summary.peak_rss_bytes))
+    table.add_row("peak memory", human_size(summary.peak_rss_bytes))
     if summary.fallback:
         shown = ", ".join(summary.fallback[:3]) + (", ..." if len(summary.fallback) > 3 else "")
         table.add_row("without statistics", f"{len(summary.fallback)} tensors took the method's fallback ({shown})")
@@ -149,11 +142,11 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
     if plan.fallback:
         rows.append(("without statistics", f"{len(plan.fallback)} tensors would take the method's fallback"))
     verb = "replace" if output.exists() and any(output.iterdir()) else "create"
-    rows += [("to read", _gb(size.bytes_read)),
-             ("to write", f"{_gb(size.bytes_written)} in {len(shards)} shard(s) of at most {max_shard_size}"
+    rows += [("to read", human_size(size.bytes_read)),
+             ("to write", f"{human_size(size.bytes_written)} in {len(shards)} shard(s) of at most {max_shard_size}"
                           + (" (a larger tensor gets a shard of its own)" if size.largest_output > limit else "")),
-             ("peak memory", f"at most {_gb(size.peak_bound(peak_rss_bytes()))} (the largest job reads "
-                             f"{_gb(size.largest_read)}; see the README's Safety section)"),
+             ("peak memory", f"at most {human_size(size.peak_bound(peak_rss_bytes()))} (the largest job reads "
+                             f"{human_size(size.largest_read)}; see the README's Safety section)"),
              ("output", f"would {verb} {output}")]
     listing.print(f"dry run of {recipe}: every check passed; no tensor was merged and nothing was written",
                   highlight=False)

@@ -50,6 +50,14 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     return f" (valid: {', '.join(valid)})" if valid else ""
 
 
+def human_size(n: int | float) -> str:
+    """1.23 GB, 45.6 MB, 7.8 KB or 12 bytes (decimal units, as --max-shard-size reads them)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= 0.1 * size:
+            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 class MergeWarning(UserWarning):
     """Something the user should know that does not stop the run (a singular Gram sum, a skipped factor);
     the CLI prints each as one ``warning:`` line."""

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -101,7 +102,7 @@ def test_an_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(llam
     def broken(*args, **kwargs):
         raise TypeError("an internal bug")
 
-    monkeypatch.setattr(sys.modules["mergesmith.api"], "merge", broken)
+    monkeypatch.setattr(importlib.import_module("mergesmith.api"), "merge", broken)
     recipe = write_recipe(linear_recipe(llama["ft1"], llama["ft2"]))
     line = one_error_line(run_cli("merge", recipe, tmp_path / "out"), code=1)
     assert "internal error (TypeError: an internal bug)" in line and "--debug" in line
@@ -128,7 +129,7 @@ def test_interrupts_exit_with_the_signal_code(llama, write_recipe, run_cli, tmp_
         os.kill(os.getpid(), getattr(signal, signal_name))
         raise AssertionError("the signal did not stop the command")
 
-    monkeypatch.setattr(sys.modules["mergesmith.api"], "merge", interrupted)
+    monkeypatch.setattr(importlib.import_module("mergesmith.api"), "merge", interrupted)
     line = one_error_line(run_cli("merge", write_recipe(linear_recipe(llama["ft1"])), tmp_path / "out"), code=code)
     assert f"interrupted ({name})" in line
     assert signal.getsignal(getattr(signal, signal_name)) is before  # main() gives the handler back
@@ -474,9 +475,10 @@ def test_a_disk_too_small_for_the_output_is_refused_before_the_merge(recipe_of_t
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(sys.modules["mergesmith.api"].shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    full = usage(10**9, 10**9, 1000)
+    monkeypatch.setattr(importlib.import_module("mergesmith.api").shutil, "disk_usage", lambda path: full)
     line = one_error_line(run_cli("merge", recipe_of_two, tmp_path / "out"))
-    assert re.search(r"the merge writes 0\.00 GB but .* has only 0\.00 GB free", line), line
+    assert re.search(r"the merge writes [\d.]+ KB but .* has only 1.0 KB free", line), line
 
 
 def test_the_disk_filling_up_during_the_write_is_one_line_and_leaves_nothing(recipe_of_two, run_cli, tmp_path,
@@ -588,3 +590,19 @@ def test_a_base_model_the_method_does_not_use_is_said(llama, write_recipe, run_c
     assert f"'linear' does not use a base model: base_model '{llama['ft2']}' is neither read nor merged" \
         in result.stderr
     assert "Base model:" not in (out / "README.md").read_text()
+
+
+def test_an_unwritable_output_is_one_line(recipe_of_two, run_cli, tmp_path):
+    """As root every permission check passes, so a read-only filesystem is the honest unwritable place."""
+    import subprocess
+
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (not root, or no mount permission)")
+    try:
+        line = one_error_line(run_cli("merge", recipe_of_two, mount / "out"))
+        assert f"cannot write to {mount}" in line, line
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

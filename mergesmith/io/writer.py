@@ -180,8 +180,12 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False, *, inputs: Co
         raise OutputError(f"cannot write to {target.parent}: permission denied")
     temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    mark_partial(temporary)
+    try:  # root passes os.access everywhere: a read-only filesystem shows itself only here
+        temporary.mkdir()
+        mark_partial(temporary)
+    except OSError as e:
+        remove_ours(temporary)
+        raise OutputError(f"cannot write to {target.parent}: {e.strerror or e}") from None
     try:
         yield temporary
         files = sorted(str(p.relative_to(temporary)) for p in temporary.rglob("*")
