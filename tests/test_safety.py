@@ -606,3 +606,14 @@ def test_an_unwritable_output_is_one_line(recipe_of_two, run_cli, tmp_path):
         assert f"cannot write to {mount}" in line, line
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_measure_warns_when_the_tokenizer_knows_little_of_the_data(llama, run_cli, tmp_path):
+    """The tiny Llama's word-level tokenizer knows w0…w95; English text is all <unk> to it."""
+    data = tmp_path / "english.jsonl"
+    data.write_text(json.dumps({"text": "hello world the cat w3"}) + "\n")  # 4 of 5 tokens unknown
+    result = run_cli("measure", llama["base"], "--data", data, "--kind", "fisher", "-o", tmp_path / "stats")
+    assert result.code == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: 80% of the tokens of {data} are the tokenizer's unknown token '<unk>': is this "
+                      f"the data the model was tuned on, and its tokenizer?"], result.stderr

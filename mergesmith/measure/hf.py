@@ -179,6 +179,9 @@ def model_max_length(config: dict[str, Any], tokenizer: Any) -> tuple[int | None
     return min(limits) if limits else (None, "")
 
 
+UNKNOWN_SHARE = 0.5  # more of a data file's tokens than this unknown: warn
+
+
 def check_tokens(examples: list[dict[str, Any]], tokenizer: Any, config: dict[str, Any], *, task: str,
                  max_length: int, batch_size: int, model_dir: Path, data: Path) -> int:
     """Tokenise every example once, before the weights are loaded, and return the length batches are cut to.
@@ -186,7 +189,8 @@ def check_tokens(examples: list[dict[str, Any]], tokenizer: Any, config: dict[st
     Sequences are cut to ``max_length`` tokens (``--max-length``), and never past the model's own maximum
     (``model_max_length``): examples longer than that are truncated to it, with one warning. An example
     without a single token is refused, and so is a token id outside the model's embedding (a tokenizer of
-    another model). A causal LM's example of one token has nothing to predict: one warning says how many."""
+    another model). A causal LM's example of one token has nothing to predict: one warning says how many,
+    and so does a data file most of whose tokens the tokenizer does not know."""
     if max_length < 1:
         raise UsageError(f"--max-length {max_length}: keep at least 1 token per example")
     limit, stated = model_max_length(config, tokenizer)
@@ -211,6 +215,14 @@ def check_tokens(examples: list[dict[str, Any]], tokenizer: Any, config: dict[st
             warnings.warn(f"{len(single)} of {len(examples)} examples (e.g. example {single[0]} of {data}) have "
                           f"one token, so a causal LM has nothing to predict in them: they count as examples but "
                           f"add nothing to the Fisher", MergeWarning, stacklevel=2)
+    unknown = tokenizer.unk_token_id
+    if unknown is not None:
+        total = sum(lengths)
+        share = sum(ids.count(unknown) for ids in encoded) / total
+        if share > UNKNOWN_SHARE:  # the statistics would measure the unknown token, not the data
+            warnings.warn(f"{share:.0%} of the tokens of {data} are the tokenizer's unknown token "
+                          f"{tokenizer.unk_token!r}: is this the data the model was tuned on, and its tokenizer?",
+                          MergeWarning, stacklevel=2)
     rows = config.get("vocab_size")
     if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0:
         largest = max((max(ids), n) for n, ids in zip(number, encoded))
