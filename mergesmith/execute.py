@@ -50,17 +50,12 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
             for i, t in enumerate(tensors)]
     blocks = _as_blocks(job, work)
     base, others = (blocks[0], blocks[1:]) if job.base is not None else (None, blocks)
-    kwargs = dict(job.kwargs)
-    if job.method.random:
-        kwargs["generator"] = torch.Generator().manual_seed(seed_for(seed, job.name))
-    if job.method.needs is not None:
-        per_input = [{k: v.to(device=device, dtype=compute_dtype) if isinstance(v, torch.Tensor) else v
-                      for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
-        kwargs.update(stats=per_input[1:] if job.base is not None else per_input,
-                      base_stats=per_input[0] if job.base is not None else {}, name=job.name)
-        if job.method.reports:
-            kwargs["report"] = report if report is not None else {}
-    result = job.method.function(base, others, **kwargs)
+    generator = torch.Generator().manual_seed(seed_for(seed, job.name)) if job.method.random else None
+    per_input = [{k: v.to(device=device, dtype=compute_dtype) if isinstance(v, torch.Tensor) else v
+                  for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
+    base_stats, model_stats = (per_input[0], per_input[1:]) if job.base is not None else ({}, per_input)
+    result = job.method.call(base, others, job.kwargs, generator=generator, stats=model_stats,
+                             base_stats=base_stats, name=job.name, report=report)
     if check_result and not all_finite(result):
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")

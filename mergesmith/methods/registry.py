@@ -157,6 +157,22 @@ class MergeMethod:
         if problem is not None:
             raise RecipeError(f"{where}: {problem}")
 
+    def call(self, base: Any, tensors: list[Any], kwargs: dict[str, Any], *, generator: Any = None,
+             stats: list[dict[str, Any]] | None = None, base_stats: dict[str, Any] | None = None, name: str = "",
+             report: dict[str, Any] | None = None) -> Any:
+        """The one way to run the method (the engine's and ``merge_tensors``'): its bound ``kwargs`` plus what
+        it declares it takes — a generator when ``random``; the statistics, the tensor's name and, with
+        ``reports``, a dict for solver diagnostics when it ``needs`` statistics."""
+        kwargs = dict(kwargs)
+        if self.random:
+            kwargs["generator"] = generator
+        if self.needs is not None:
+            kwargs.update(stats=[dict(s) for s in stats] if stats is not None else [{} for _ in tensors],
+                          base_stats=dict(base_stats or {}), name=name)
+            if self.reports:
+                kwargs["report"] = report if report is not None else {}
+        return self.function(base if self.base != "ignored" else None, list(tensors), **kwargs)
+
     def statistics(self, kwargs: dict[str, Any]) -> tuple[str, ...]:
         return self.needs(kwargs) if self.needs is not None else ()
 
@@ -280,20 +296,13 @@ def merge_tensors(method: str, base: Any, tensors: list[Any], *, model_parameter
                           f"{len(tensors)} model tensors; give one dict per tensor")
     kwargs = spec.bind(parameters, model_parameters or [{} for _ in tensors], f"merge_tensors('{method}')")
     spec.check(kwargs, base is not None, len(tensors), f"merge_tensors('{method}')")
-    if spec.random:
-        if generator is None:
-            raise RecipeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
-        kwargs["generator"] = generator
-    if spec.needs is not None:
-        if stats is not None and len(stats) != len(tensors):
-            raise RecipeError(f"merge_tensors('{method}'): {len(stats)} stats for {len(tensors)} tensors; give one "
-                              f"dict per tensor")
-        kwargs["stats"] = [dict(s) for s in stats] if stats is not None else [{} for _ in tensors]
-        kwargs["base_stats"] = dict(base_stats or {})
-        kwargs["name"] = "merge_tensors"
-        if spec.reports:
-            kwargs["report"] = {}
-    return spec.function(base if spec.base != "ignored" else None, list(tensors), **kwargs)
+    if spec.random and generator is None:
+        raise RecipeError(f"method '{method}' is random: pass generator=torch.Generator().manual_seed(...)")
+    if spec.needs is not None and stats is not None and len(stats) != len(tensors):
+        raise RecipeError(f"merge_tensors('{method}'): {len(stats)} stats for {len(tensors)} tensors; give one "
+                          f"dict per tensor")
+    return spec.call(base, tensors, kwargs, generator=generator, stats=stats, base_stats=base_stats,
+                     name="merge_tensors")
 
 
 def weights_sum_to_zero(weights: Any) -> bool:
