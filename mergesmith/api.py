@@ -64,6 +64,11 @@ def input_paths(recipe: Recipe) -> list[Path]:
     return [Path(name) for name in sorted(names)]
 
 
+def _protected(recipe: Recipe, label: str) -> list[Path]:
+    """What no output may replace: the recipe's inputs and, when it came from a file, that file."""
+    return [*input_paths(recipe), *([Path(label)] if label else [])]
+
+
 def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *,
                 overwrite: bool = False) -> Plan:
     """Every check ``merge`` makes before it reads a tensor — the output path, the recipe, the inputs'
@@ -72,7 +77,7 @@ def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | P
 
 
 def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool) -> tuple[Plan, Path | None, Path | None]:
-    check_output(output, overwrite, [*input_paths(recipe), *([Path(label)] if label else [])])  # fail fast
+    check_output(output, overwrite, _protected(recipe, label))  # fail fast
     plan = _plan(recipe, label)
     _check_space(output, plan.size().bytes_written)
     return (plan, *_companion_files(recipe, plan))
@@ -106,13 +111,11 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     shard_bytes = parse_size(max_shard_size)
     check_device(device)
     output = Path(output)
-    inputs = input_paths(recipe)
     clean_leftovers(output.absolute(), on_notice)  # first: an interrupted --overwrite's output comes back
     plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite)
     if on_plan is not None:
         on_plan(plan)
-    with atomic_output_dir(output, overwrite, inputs=[*inputs, *([Path(label)] if label else [])],
-                           log=on_notice) as directory:
+    with atomic_output_dir(output, overwrite, inputs=_protected(recipe, label), log=on_notice) as directory:
         outputs = [OutputTensor(out.name, out.shape, out.out_dtype) for job in plan.jobs for out in job.outputs]
         writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
         try:
