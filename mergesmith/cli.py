@@ -235,130 +235,44 @@ def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Huggi
                                                "the sidecar is sharded."),
             trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (off).")) -> None:
     """Measure curvature statistics of MODEL on DATA into a sidecar (docs/statistics.md)."""
-    import warnings
-
-    import torch
-
-    from mergesmith.errors import MergeWarning, UsageError, did_you_mean
     from mergesmith.io.sidecar import check_writable
     from mergesmith.io.writer import parse_size
-    from mergesmith.measure import check_kinds, classifier_fisher_labels
-    from mergesmith.measure import measure as run_measure
-    from mergesmith.measure.data import load_examples
-    from mergesmith.measure.hf import (
-        batches,
-        causal_lm_fisher_labels,
-        causal_lm_log_likelihood,
-        check_labels,
-        check_task,
-        check_tokens,
-        class_log_probs,
-        infer_task,
-        load_model,
-        load_tokenizer,
-        read_config,
-        seq_cls_log_likelihood,
-    )
-    from mergesmith.measure.select import compile_excludes, parse_factor_budget
+    from mergesmith.measure.checkpoint import measure_checkpoint
 
-    # every option first, then the model's files, then the data: all before any weight is read
-    kinds = check_kinds([k.strip() for given in kind for k in given.split(",") if k.strip()])  # fisher,gram too
-    if task is not None:
-        check_task(task)
-    variants = ("empirical", "sampled", "exact")
-    if fisher not in variants:
-        close = did_you_mean(fisher, variants)
-        raise UsageError(f"--fisher {fisher}: expected empirical, sampled or exact"
-                         f"{close if 'did you mean' in close else ''}")
-    for option, value, meaning in (("--samples", samples, "draw at least 1 label per example"),
-                                   ("--batch-size", batch_size, "at least 1 example per batch"),
-                                   ("--max-length", max_length, "keep at least 1 token per example"),
-                                   ("--max-examples", max_examples, "measure at least 1 example (omit it for all)")):
-        if value is not None and value < 1:
-            raise UsageError(f"{option} {value}: {meaning}")
     shard_limit = parse_size(max_shard_size)
-    budget = parse_factor_budget(max_factor_size)
-    excludes = list(exclude or [])
-    compile_excludes(excludes)
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
     check_writable(output, overwrite)  # before the work, not after it
-    config = read_config(model, trust_remote_code=trust_remote_code)
-    task = task or infer_task(model, config)
-    if fisher == "exact" and task == "causal-lm":
-        raise UsageError("--fisher exact is intractable for causal-lm (an expectation over vocabulary^length label "
-                         "sequences); use --fisher sampled --samples k")
-    if task == "causal-lm" and max_length < 2:
-        raise UsageError(f"--max-length {max_length}: a causal LM predicts each token from the ones before it, so "
-                         f"keep at least 2 tokens")
-    if task == "seq-cls" and label_field is None:
-        raise UsageError("seq-cls needs labels: pass --label-field with the data's label column")
-    examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
-                             max_examples=max_examples, seed=seed)
-    check_labels(examples, config, task, data)
-    rank, world = _start_distributed(device)
-    with warnings.catch_warnings():
-        if rank != 0:  # under torchrun: one warning, not one per process
-            warnings.simplefilter("ignore", MergeWarning)
-        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        length = check_tokens(examples, tokenizer, config, task=task, max_length=max_length, batch_size=batch_size,
-                              model_dir=model, data=data)
-        all_examples, examples = examples, examples[rank::world]  # under torchrun: each rank its share
-        network, tokenizer = load_model(model, task, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
-        if world > 1 and device.startswith("cuda"):  # under torchrun: one GPU per rank
-            device = f"cuda:{rank % torch.cuda.device_count()}"
-        network.to(device)
-        log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
-        stream = batches(examples, tokenizer, batch_size=batch_size, max_length=length, device=torch.device(device))
-        progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-                            TimeElapsedColumn(), console=console, transient=True,
-                            disable=rank != 0 or not console.is_terminal)  # no bars in a log file
-        with progress:
-            counter = progress.add_task("measure", total=len(examples))
+    progress = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
+                        TimeElapsedColumn(), console=console, transient=True,
+                        disable="RANK" in os.environ and os.environ["RANK"] != "0" or not console.is_terminal)
+    counter = progress.add_task("measure", total=None)
 
-            def counted():
-                for batch in stream:
-                    yield batch
-                    progress.update(counter, advance=batch["input_ids"].shape[0])
+    def advance(done: int, total: int) -> None:
+        progress.update(counter, completed=done, total=total)
+        progress.start()  # once the checks have passed and the model is loaded: no bar over an error
 
-            # under torchrun each rank draws from its own stream; one process draws with --seed itself
-            draw_seed = seed * world + rank
-            if fisher == "empirical":
-                labels = None
-            elif task == "causal-lm":
-                labels = causal_lm_fisher_labels(samples, seed=draw_seed)
-            else:
-                labels = classifier_fisher_labels(fisher, class_log_probs, samples=samples, seed=draw_seed)
-            stats = run_measure(network, counted(), log_likelihood=log_likelihood, kinds=kinds, fisher_labels=labels,
-                                fisher_variant=fisher, exclude=excludes, max_factor_size=budget)
-    if rank == 0:
+    try:
+        run = measure_checkpoint(
+            model, data, kinds=[k.strip() for given in kind for k in given.split(",") if k.strip()],  # fisher,gram
+            task=task, text_field=text_field, label_field=label_field, max_length=max_length, batch_size=batch_size,
+            max_examples=max_examples, seed=seed, device=device, fisher=fisher, samples=samples,
+            exclude=exclude or [], max_factor_size=max_factor_size, trust_remote_code=trust_remote_code,
+            progress=advance)
+    finally:
+        progress.stop()
+    stats = run.statistics
+    if run.rank == 0:
         path = stats.save(output, max_shard_size=shard_limit)
         skipped = ""
         if stats.skipped:
             names = ", ".join(sorted(stats.skipped)[:3]) + (", ..." if len(stats.skipped) > 3 else "")
             skipped = f"; {len(stats.skipped)} module(s) skipped ({names}), recorded in the sidecar"
-        console.print(f"{len(all_examples)} examples, {len(stats.tensors)} statistics ({', '.join(kinds)}) → {path}"
+        console.print(f"{run.examples} examples, {len(stats.tensors)} statistics ({', '.join(run.kinds)}) → {path}"
                       f"{skipped}", soft_wrap=True)
-    if world > 1:
+    if run.world > 1:
+        import torch.distributed
+
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def _start_distributed(device: str) -> tuple[int, int]:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU); (rank, world size)."""
-    import os
-
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 stats_app = typer.Typer(no_args_is_help=True, help="Inspect and combine statistics sidecars.")

@@ -147,14 +147,12 @@ def evaluate(directory: Path, tasks: dict[str, dict[str, list]], batch_size: int
 
 def measure_statistics(model_dir: Path, examples: list[tuple[str, int]], out: Path) -> None:
     """Fisher (empirical), Gram and K-FAC statistics of a model on ``examples``, saved as a sidecar."""
-    from mergesmith.measure import measure
-    from mergesmith.measure.hf import batches, load_model, seq_cls_log_likelihood
+    from mergesmith.measure.checkpoint import measure_checkpoint
 
-    model, tokenizer = load_model(model_dir, "seq-cls")
     data = [{"text": text, "label": label} for text, label in examples]
-    stats = measure(model, batches(data, tokenizer, batch_size=16, max_length=32, device=torch.device("cpu")),
-                    log_likelihood=seq_cls_log_likelihood, kinds=["fisher", "gram", "kfac"])
-    stats.save(out)
+    run = measure_checkpoint(model_dir, data, kinds=["fisher", "gram", "kfac"], task="seq-cls", batch_size=16,
+                             max_length=32)
+    run.statistics.save(out)
 
 
 def recipes(base: Path, finetunes: list[Path], stats: dict[Path, Path] | None = None) -> dict[str, dict[str, Any]]:

@@ -316,3 +316,23 @@ def test_cli_output_that_is_a_file_is_refused_before_measuring(llama, jsonl, tmp
     assert combined.code == 2 and "it exists and is not a directory" in combined.error_line
     assert existing.read_text() == "someone's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "stats"]
+
+
+def test_measure_checkpoint_is_what_the_cli_saves(llama, jsonl, tmp_path, run_cli):
+    """The library entry point (mergesmith.measure_checkpoint) and the CLI are one path: same tensors, bit for
+    bit, from a data file and from the same examples given as a list."""
+    import mergesmith
+    from mergesmith.io.sidecar import StatsReader
+
+    result = run_cli("measure", llama["base"], "--data", jsonl, "--text-field", "content", "--kind", "fisher",
+                     "--kind", "kfac", "--batch-size", "3", "-o", tmp_path / "cli")
+    assert result.code == 0, result.stderr
+    cli = StatsReader(tmp_path / "cli")
+    from_file = mergesmith.measure_checkpoint(llama["base"], jsonl, text_field="content", kinds=["fisher", "kfac"],
+                                              batch_size=3)
+    from_list = mergesmith.measure_checkpoint(llama["base"], [{"text": t} for t in TEXTS], kinds=["fisher", "kfac"],
+                                              batch_size=3)
+    assert from_file.examples == from_list.examples == len(TEXTS) and from_file.kinds == ["fisher", "kfac"]
+    for run in (from_file, from_list):
+        assert set(run.statistics.tensors) == set(cli.keys())
+        assert all(torch.equal(run.statistics.tensors[k], cli.get(k)) for k in cli.keys())
