@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mergesmith.checks import value_range
 from mergesmith.errors import MergeError, StatisticsError
 from mergesmith.methods.curvature import fisher_problem
 
@@ -117,7 +118,7 @@ def _covariance_problem(matrix: torch.Tensor) -> str | None:
     check, and one over its diagonal."""
     if matrix.numel() == 0:
         return None
-    low, high = torch.aminmax(matrix)  # NaN reaches both ends, an infinity one of them
+    low, high = value_range(matrix)
     if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         return "has NaN or infinite entries"
     if bool(low == 0) and bool(high == 0):

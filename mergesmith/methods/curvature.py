@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergesmith.checks import value_range
 from mergesmith.errors import RecipeError, StatisticsError
 from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
@@ -49,8 +50,7 @@ def statistic(stats: Stats, kind: str, name: str) -> list[Tensor] | None:
 def fisher_problem(fisher: Tensor) -> str | None:
     """What is wrong with a diagonal Fisher, if anything: it must be finite and non-negative (a mean of
     squares); dividing by anything else would silently give a wrong model."""
-    # one pass, as the engine's check of every output: NaN reaches both ends, an infinity one of them
-    low, high = torch.aminmax(fisher) if fisher.numel() else (fisher.new_zeros(()), fisher.new_zeros(()))
+    low, high = value_range(fisher)  # one pass, as the engine's check of every input and output
     if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         return "has NaN or infinite entries"
     if bool(low < 0):
