@@ -22,7 +22,6 @@ from mergesmith.io.writer import (
     ShardedWriter,
     atomic_output_dir,
     check_output,
-    clean_leftovers,
     parse_size,
 )
 from mergesmith.measure import Statistics
@@ -111,7 +110,6 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     shard_bytes = parse_size(max_shard_size)
     check_device(device)
     output = Path(output)
-    clean_leftovers(output.absolute(), on_notice)  # first: an interrupted --overwrite's output comes back
     plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite)
     if on_plan is not None:
         on_plan(plan)

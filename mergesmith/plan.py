@@ -73,15 +73,12 @@ class Plan:
         for job in self.jobs:
             for out in job.outputs:
                 by_method[out.method.name] = by_method.get(out.method.name, 0) + 1
-        return PlanSize(
-            tensors=sum(len(job.outputs) for job in self.jobs), by_method=by_method,
-            bytes_read=sum(_read_bytes(job) for job in self.jobs),
-            bytes_written=sum(_nbytes(out.shape, out.out_dtype) for job in self.jobs for out in job.outputs),
-            largest_read=max((_read_bytes(job) for job in self.jobs), default=0),
-            largest_work=max((_work_bytes(job) for job in self.jobs), default=0),
-            largest_output=max((_nbytes(out.shape, out.out_dtype) for job in self.jobs for out in job.outputs),
-                               default=0),
-            prefetch=prefetch)
+        reads = [_read_bytes(job) for job in self.jobs]
+        outputs = [_nbytes(out.shape, out.out_dtype) for job in self.jobs for out in job.outputs]
+        return PlanSize(tensors=len(outputs), by_method=by_method, bytes_read=sum(reads),
+                        bytes_written=sum(outputs), largest_read=max(reads, default=0),
+                        largest_work=max((_work_bytes(job) for job in self.jobs), default=0),
+                        largest_output=max(outputs, default=0), prefetch=prefetch)
 
 
 THREAD_OVERHEAD = 64 << 20
