@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from mergesmith.architecture import split_layer_name
+from mergesmith.checks import check_device
 from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeWarning, OutputError, RecipeError, human_size
-from mergesmith.execute import MergeSummary, check_device, execute
+from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file
 from mergesmith.io.sidecar import StatsReader

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from mergesmith.checks import all_finite
-from mergesmith.errors import CheckpointError, MergeError, UsageError
+from mergesmith.checks import all_finite, check_device
+from mergesmith.errors import CheckpointError, MergeError
 from mergesmith.plan import Job, Plan, TensorInput, seed_for
 
 
@@ -151,21 +151,6 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
     return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
                         bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
                         fallback=list(plan.fallback))
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device, if this machine has it (checked before a merge starts, not at its first tensor)."""
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device; use cpu, cuda, cuda:1 or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps was requested but MPS is not available")
-    return device
 
 
 def peak_rss_bytes() -> int:

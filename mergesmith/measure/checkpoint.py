@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mergesmith.checks import check_device
 from mergesmith.errors import MergeWarning, UsageError, did_you_mean
 from mergesmith.measure import Statistics, check_kinds, classifier_fisher_labels, hf, measure
 from mergesmith.measure.data import load_examples
@@ -78,7 +79,7 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
     budget = parse_factor_budget(max_factor_size)
     excludes = list(exclude)
     compile_excludes(excludes)
-    _check_device(device)
+    check_device(device)
     config = read_config(model, trust_remote_code=trust_remote_code)
     task = task or infer_task(model, config)
     if fisher == "exact" and task == "causal-lm":
@@ -132,15 +133,6 @@ def _counted(stream: Iterable[dict[str, Any]], total: int, progress: Callable[[i
         done += batch["input_ids"].shape[0]
         if progress is not None:
             progress(done, total)
-
-
-def _check_device(device: str) -> None:
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
 
 
 def start_distributed(device: str) -> tuple[int, int]:
