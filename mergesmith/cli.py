@@ -205,16 +205,20 @@ def demo(workdir: Path = typer.Option(None, help="Where to keep the demo's model
 @app.command()
 def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Hugging Face model directory."),
             data: Path = typer.Option(..., "--data", help="JSONL, CSV, text (one example per line), parquet, "
-                                      "or a saved `datasets` directory."),
-            output: Path = typer.Option(..., "-o", "--output", help="Sidecar directory to write."),
+                                      "or a saved `datasets` directory; for image-cls each row's pixel_values "
+                                      "field holds the image as [channels][height][width] numbers."),
+            output: Path = typer.Option(..., "-o", "--output", "--out", help="Sidecar directory to write."),
             overwrite: bool = typer.Option(False, help="Replace the sidecar OUTPUT already holds (its statistics "
                                            "files only)."),
             kind: list[str] = typer.Option(["fisher"], metavar="KIND",
                                            help="fisher, gram or kfac; repeat for several."),
-            task: str = typer.Option(None, help="causal-lm or seq-cls (default: from config.json)."),
+            task: str = typer.Option(None, help="causal-lm, seq-cls or image-cls (default: from config.json's "
+                                     "architecture); image-cls reads pixel_values, already resized and normalised "
+                                     "as the model takes them, and needs no tokenizer."),
             text_field: str = typer.Option("text", help="The field holding each example's text (JSONL, CSV, "
                                            "parquet, datasets)."),
-            label_field: str = typer.Option(None, help="The field holding each example's class index (seq-cls)."),
+            label_field: str = typer.Option(None, help="The field holding each example's class index (seq-cls, "
+                                            "image-cls)."),
             max_length: int = typer.Option(512, help="Longest sequence in tokens; never past the model's own "
                                            "maximum (longer examples are truncated, with a warning)."),
             batch_size: int = typer.Option(8, help="Examples per forward and backward pass."),
@@ -223,7 +227,7 @@ def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Huggi
             seed: int = typer.Option(0, help="Seed for --max-examples and for the labels of --fisher sampled."),
             device: str = typer.Option("cpu", help="Where the model runs: cpu, cuda, cuda:1."),
             fisher: str = typer.Option("empirical", help="empirical (data labels), sampled (labels drawn from "
-                                       "the model) or exact (seq-cls only)."),
+                                       "the model) or exact (classifiers: seq-cls, image-cls)."),
             samples: int = typer.Option(1, help="Label draws per example for --fisher sampled, each weighted 1/k."),
             exclude: list[str] = typer.Option(None, "--exclude", help="Measure nothing for modules whose name "
                                               "matches this regex (re.search): no Gram, K-FAC or Fisher; recorded "

@@ -4,6 +4,8 @@
 dict of tensors whose first dimension is the example; ``log_likelihood(model, batch)`` returns the
 per-example log-likelihoods, shape (batch,). An ``attention_mask`` entry of shape (batch, tokens), when
 present, marks the rows (tokens) that count: padding is left out of every Gram and K-FAC statistic.
+Without one every row counts: a Linear layer's input (batch, ..., features) has batch·… rows, e.g. one per
+pixel position for ConvNeXt's pointwise layers, fed (batch, height, width, channels).
 
 Definitions (docs/statistics.md):
 
@@ -169,7 +171,7 @@ def _looped_squares(model: nn.Module, names: set[str], batch: Mapping[str, Tenso
     ``PerExampleSquares`` cannot account for."""
     params = {name: p for name, p in _trainable(model).items() if name in names}
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
-    for n in range(_batch_size(batch)):
+    for n in range(examples_in(batch)):
         example = _trimmed_example(batch, n)
         grads = torch.autograd.grad(log_likelihood(model, example).sum(), list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), grads):
@@ -244,7 +246,7 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
     try:
         for batch in batches:
             current_mask[0] = batch.get("attention_mask")
-            examples = _batch_size(batch)
+            examples = examples_in(batch)
             seen += examples
             if hooked:
                 with _layer_hooks(hooked, sums, gram=selection.gram, kfac=selection.kfac,
@@ -305,7 +307,8 @@ def _all_reduce(sums: _Sums, seen: int) -> int:
     return int(examples.item())
 
 
-def _batch_size(batch: Mapping[str, Tensor]) -> int:
+def examples_in(batch: Mapping[str, Tensor]) -> int:
+    """How many examples a batch holds: the first dimension its tensors share."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0}
     if len(sizes) != 1:
         raise DataError(f"a batch's tensors must share their first (example) dimension, got sizes {sorted(sizes)}")

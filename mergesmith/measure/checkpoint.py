@@ -19,20 +19,23 @@ import torch
 
 from mergesmith.checks import check_device
 from mergesmith.errors import MergeWarning, UsageError, did_you_mean
-from mergesmith.measure import Statistics, check_kinds, classifier_fisher_labels, hf, measure
+from mergesmith.measure import Statistics, check_kinds, classifier_fisher_labels, examples_in, hf, measure
 from mergesmith.measure.data import load_examples
 from mergesmith.measure.hf import (
+    CLASSIFIER_TASKS,
     batches,
     causal_lm_fisher_labels,
     causal_lm_log_likelihood,
+    check_images,
     check_labels,
     check_task,
     check_tokens,
     class_log_probs,
+    classifier_log_likelihood,
+    image_batches,
     infer_task,
     load_tokenizer,
     read_config,
-    seq_cls_log_likelihood,
 )
 from mergesmith.measure.select import compile_excludes, parse_factor_budget
 
@@ -60,8 +63,10 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
                        progress: Callable[[int, int], None] | None = None) -> MeasureRun:
     """Measure ``kinds`` (fisher, gram, kfac) of the model directory ``model`` on ``data``: a data file
     (JSONL, CSV, text, parquet, a saved ``datasets`` directory; docs/statistics.md) or a list of examples
-    ``{"text": ..., "label": ...}``. ``progress(done, total)`` hears each batch. The options mean what
-    ``mergesmith measure --help`` says; save with ``run.statistics.save(directory)``."""
+    ``{"text": ..., "label": ...}`` (``{"pixel_values": [channels][height][width] numbers or a tensor,
+    "label": ...}`` for ``task="image-cls"``, whose data files hold a ``pixel_values`` field). ``progress(done,
+    total)`` hears each batch. The options mean what ``mergesmith measure --help`` says; save with
+    ``run.statistics.save(directory)``."""
     model = Path(model)
     kinds = check_kinds(list(kinds))
     if task is not None:
@@ -88,11 +93,13 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
     if task == "causal-lm" and max_length < 2:
         raise UsageError(f"--max-length {max_length}: a causal LM predicts each token from the ones before it, so "
                          f"keep at least 2 tokens")
+    classifier = task in CLASSIFIER_TASKS
     if isinstance(data, (str, Path)):
-        if task == "seq-cls" and label_field is None:
-            raise UsageError("seq-cls needs labels: pass --label-field with the data's label column")
-        examples = load_examples(data, text_field=text_field, label_field=label_field if task == "seq-cls" else None,
-                                 max_examples=max_examples, seed=seed)
+        if classifier and label_field is None:
+            raise UsageError(f"{task} needs labels: pass --label-field with the data's label column")
+        examples = load_examples(data, text_field=text_field, label_field=label_field if classifier else None,
+                                 max_examples=max_examples, seed=seed,
+                                 image_field="pixel_values" if task == "image-cls" else None)
         where = Path(data)
     else:
         examples, where = [dict(e) for e in data], Path("<examples>")
@@ -101,17 +108,23 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
     with warnings.catch_warnings():
         if rank != 0:  # under torchrun: one warning, not one per process
             warnings.simplefilter("ignore", MergeWarning)
-        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        length = check_tokens(examples, tokenizer, config, task=task, max_length=max_length, batch_size=batch_size,
-                              model_dir=model, data=where)
+        if task == "image-cls":  # pixels as given: no tokenizer
+            examples, tokenizer = check_images(examples, config, where), None
+        else:
+            tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+            length = check_tokens(examples, tokenizer, config, task=task, max_length=max_length,
+                                  batch_size=batch_size, model_dir=model, data=where)
         share = examples[rank::world]  # under torchrun: each rank its share
         # through the module: the one seam where tests put a model transformers cannot build
         network, tokenizer = hf.load_model(model, task, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
         if world > 1 and device.startswith("cuda"):  # under torchrun: one GPU per rank
             device = f"cuda:{rank % torch.cuda.device_count()}"
         network.to(device)
-        log_likelihood = causal_lm_log_likelihood if task == "causal-lm" else seq_cls_log_likelihood
-        stream = batches(share, tokenizer, batch_size=batch_size, max_length=length, device=torch.device(device))
+        log_likelihood = classifier_log_likelihood if classifier else causal_lm_log_likelihood
+        if task == "image-cls":
+            stream = image_batches(share, batch_size=batch_size, device=torch.device(device))
+        else:
+            stream = batches(share, tokenizer, batch_size=batch_size, max_length=length, device=torch.device(device))
         # under torchrun each rank draws from its own stream; one process draws with ``seed`` itself
         draw_seed = seed * world + rank
         if fisher == "empirical":
@@ -130,7 +143,7 @@ def _counted(stream: Iterable[dict[str, Any]], total: int, progress: Callable[[i
     done = 0
     for batch in stream:
         yield batch
-        done += batch["input_ids"].shape[0]
+        done += examples_in(batch)
         if progress is not None:
             progress(done, total)
 

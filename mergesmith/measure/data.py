@@ -66,9 +66,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_examples(path: str | Path, *, text_field: str = "text", label_field: str | None = None,
-                  max_examples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+                  max_examples: int | None = None, seed: int = 0, image_field: str | None = None
+                  ) -> list[dict[str, Any]]:
     """Examples as {"text": str, "number": int[, "label": int]}: all of them, or ``max_examples`` drawn with
-    ``seed``. ``number`` counts the data's examples from 1 in file order (blank lines skipped), for messages."""
+    ``seed``. ``number`` counts the data's examples from 1 in file order (blank lines skipped), for messages.
+    With ``image_field`` the input is that field's value as read (nested lists of numbers), kept as
+    {"pixel_values": ...} instead of the text; its shape is the image task's to check (``hf.check_images``)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data {path} not found")
@@ -80,15 +83,17 @@ def load_examples(path: str | Path, *, text_field: str = "text", label_field: st
     numbered = list(enumerate(rows, 1))
     if max_examples is not None and max_examples < len(rows):
         numbered = random.Random(seed).sample(numbered, max_examples)
+    field, key = (text_field, "text") if image_field is None else (image_field, "pixel_values")
+    choose = "choose one with --text-field" if image_field is None else "image-cls reads each image from it"
     examples = []
     for number, row in numbered:
-        if text_field not in row:
-            raise DataError(f"{path}: example {number} has no field '{text_field}' (fields: "
-                            f"{', '.join(sorted(map(str, row)))}); choose one with --text-field")
-        if row[text_field] is None:
-            raise DataError(f"{path}: example {number} has no value for '{text_field}'; fill it in or remove "
+        if field not in row:
+            raise DataError(f"{path}: example {number} has no field '{field}' (fields: "
+                            f"{', '.join(sorted(map(str, row)))}); {choose}")
+        if row[field] is None:
+            raise DataError(f"{path}: example {number} has no value for '{field}'; fill it in or remove "
                             f"the example")
-        example: dict[str, Any] = {"text": str(row[text_field]), "number": number}
+        example: dict[str, Any] = {key: str(row[field]) if image_field is None else row[field], "number": number}
         if label_field is not None:
             if label_field not in row:
                 raise DataError(f"{path}: example {number} has no field '{label_field}' (fields: "

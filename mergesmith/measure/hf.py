@@ -3,11 +3,14 @@
 causal-lm: an example is a sequence; its log-likelihood is the sum over its non-padding target tokens of
 log p(token | previous tokens), the tokens being the data's (empirical Fisher) or drawn from the model
 (sampled Fisher, ``causal_lm_fisher_labels``). seq-cls: log p(label | text) under the classifier.
+image-cls: log p(label | image) under an image classifier, whose examples carry ``pixel_values`` (channels,
+height, width) already prepared as the model takes them (no tokenizer, no image processor).
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,10 @@ from mergesmith.errors import CheckpointError, DataError, MergeWarning, UsageErr
 if TYPE_CHECKING:
     from mergesmith.measure import FisherLabels
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = ("causal-lm", "seq-cls", "image-cls")
+CLASSIFIER_TASKS = ("seq-cls", "image-cls")  # log p(label | input): labels from the data, one per example
+TEXT_TASKS = ("causal-lm", "seq-cls")  # tokenised with the model's own tokenizer
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")  # what a batch feeds the model (labels are targets)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")
 _UNSET = 10 ** 12  # transformers' model_max_length when a tokenizer states none is 1e30: "no limit"
@@ -79,8 +85,11 @@ def infer_task(model_dir: Path, config: dict[str, Any] | None = None) -> str:
             return "causal-lm"
         if name.endswith("ForSequenceClassification"):
             return "seq-cls"
+        if name.endswith("ForImageClassification"):
+            return "image-cls"
     raise UsageError(f"{model_dir}: cannot tell the task from config.json (architectures: "
-                     f"{', '.join(map(str, architectures)) or 'none'}); pass --task causal-lm or --task seq-cls")
+                     f"{', '.join(map(str, architectures)) or 'none'}); pass --task causal-lm, seq-cls or "
+                     f"image-cls")
 
 
 def check_task(task: str) -> str:
@@ -124,14 +133,19 @@ def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False)
     index entries inside the directory, pickles only with weights_only); a checkpoint that lacks a tensor the
     architecture needs, or holds one of another shape, is refused rather than filled with random values."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     from mergesmith.io.checkpoint import CheckpointReader
 
     _quiet_transformers()
     read_config(model_dir, trust_remote_code=trust_remote_code)
     CheckpointReader(model_dir, name=str(model_dir))  # every weight file checked before transformers reads one
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification,
+            "image-cls": AutoModelForImageClassification}[check_task(task)]
     try:
         model, info = auto.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code,
                                            dtype=torch.float32, output_loading_info=True,
@@ -148,7 +162,9 @@ def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        hint = " (a causal LM's checkpoint has no classifier: pass --task causal-lm)" if task == "seq-cls" else ""
+        hint = {"seq-cls": " (a causal LM's checkpoint has no classifier: pass --task causal-lm)",
+                "image-cls": " (an image backbone's checkpoint has no classifier: measure the fine-tuned "
+                             "classifier)"}.get(task, "")
         raise CheckpointError(f"{model_dir}: the weights lack '{missing[0]}'{more}, which the {task} model needs"
                               f"{hint}; measuring would use random values for it")
     return model.eval()
@@ -156,9 +172,9 @@ def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False)
 
 def load_model(model_dir: Path, task: str, *, trust_remote_code: bool = False,
                tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """The model (float32, eval mode) and its tokenizer (``tokenizer`` when one was loaded already), from
-    local files only."""
-    if tokenizer is None:
+    """The model (float32, eval mode) and its tokenizer (``tokenizer`` when one was loaded already; None for
+    image-cls, which needs none), from local files only."""
+    if tokenizer is None and task in TEXT_TASKS:
         tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     return load_network(model_dir, task, trust_remote_code=trust_remote_code), tokenizer
 
@@ -241,16 +257,68 @@ def _more(numbers: list[int]) -> str:
     return f" (and {len(numbers) - 1} more)" if len(numbers) > 1 else ""
 
 
+def check_images(examples: list[dict[str, Any]], config: dict[str, Any], data: Path) -> list[dict[str, Any]]:
+    """The examples with their ``pixel_values`` as float32 tensors (channels, height, width), checked before
+    the weights are read: present, numbers, finite, 3-D, one shape for all (a batch is one stacked tensor),
+    and as many channels as the model takes (``num_channels`` in config.json). The values are used as given:
+    resizing and normalising are the model's image processor's job, done beforehand."""
+    checked: list[dict[str, Any]] = []
+    for position, example in enumerate(examples, 1):
+        number = example.get("number", position)
+        values = example.get("pixel_values")
+        if values is None:
+            raise DataError(f"{data}: example {number} has no pixel_values (fields: "
+                            f"{', '.join(sorted(map(str, example)))}); image-cls needs each image as "
+                            f"[channels][height][width] numbers")
+        try:
+            values = torch.as_tensor(values, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):  # ragged lists, strings, None inside: this datum only
+            raise DataError(f"{data}: example {number}: pixel_values is not a [channels][height][width] array of "
+                            f"numbers (ragged or non-numeric)") from None
+        if values.dim() != 3:
+            raise DataError(f"{data}: example {number} has pixel_values of shape {tuple(values.shape)}, expected "
+                            f"3-D [channels][height][width]")
+        if checked and values.shape != checked[0]["pixel_values"].shape:
+            raise DataError(f"{data}: example {number} has pixel_values of shape {tuple(values.shape)}, but "
+                            f"example {checked[0]['number']} has {tuple(checked[0]['pixel_values'].shape)}: give "
+                            f"every image one shape (resize them with the model's image processor)")
+        if not bool(torch.isfinite(values).all()):
+            raise DataError(f"{data}: example {number} has a pixel value that is not finite (NaN or inf)")
+        checked.append({**example, "number": number, "pixel_values": values})
+    channels = config.get("num_channels")
+    if checked and isinstance(channels, int) and checked[0]["pixel_values"].shape[0] != channels:
+        raise DataError(f"{data}: the images have {checked[0]['pixel_values'].shape[0]} channels, but the model "
+                        f"takes {channels} (num_channels in config.json)")
+    return checked
+
+
 def batches(examples: list[dict[str, Any]], tokenizer: Any, *, batch_size: int, max_length: int,
             device: torch.device) -> Iterator[dict[str, Tensor]]:
+    """Batches of ``input_ids`` and ``attention_mask`` (padded, cut to ``max_length``), with ``labels`` when
+    the examples carry them."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         encoded = tokenizer([e["text"] for e in chunk], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
-        batch = {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
-        if "label" in chunk[0]:
-            batch["labels"] = torch.tensor([e["label"] for e in chunk], device=device)
-        yield batch
+        yield _labelled({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, chunk,
+                        device)
+
+
+def image_batches(examples: list[dict[str, Any]], *, batch_size: int, device: torch.device
+                  ) -> Iterator[dict[str, Tensor]]:
+    """Batches of ``pixel_values``, float32 (batch, channels, height, width), from examples ``check_images``
+    returned, with ``labels`` when they carry them. No attention_mask: every position of an image counts."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        pixels = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in chunk])
+        yield _labelled({"pixel_values": pixels}, chunk, device)
+
+
+def _labelled(batch: dict[str, Tensor], chunk: list[dict[str, Any]], device: torch.device) -> dict[str, Tensor]:
+    """The batch on ``device``, with the chunk's ``labels`` when its examples carry them."""
+    if "label" in chunk[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in chunk])
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 IGNORE = -100  # a label that is no target (Hugging Face's ignore index)
@@ -311,23 +379,33 @@ def causal_lm_fisher_labels(samples: int = 1, seed: int = 0) -> FisherLabels:
 
 
 def class_log_probs(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """log p(c | x_n) of a sequence classifier, shape (batch, classes)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """log p(c | x_n) of a classifier, shape (batch, classes): a sequence classifier fed ``input_ids`` and
+    ``attention_mask``, or an image classifier fed ``pixel_values`` (whichever the batch holds)."""
+    logits = model(**{key: batch[key] for key in MODEL_INPUTS if key in batch}).logits
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def seq_cls_log_likelihood(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def classifier_log_likelihood(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """log p(label_n | x_n), shape (batch,), for seq-cls and image-cls alike."""
     return class_log_probs(model, batch).gather(-1, batch["labels"][:, None]).squeeze(-1)
+
+
+seq_cls_log_likelihood = classifier_log_likelihood  # the name callers (tests, benchmarks) know it by
 
 
 def check_labels(examples: list[dict[str, Any]], config: dict[str, Any], task: str, data: Path) -> None:
     """A classifier's labels are class indices of the model (``num_labels``, or the size of ``id2label``)."""
-    if task != "seq-cls":
+    if task not in CLASSIFIER_TASKS:
         return
     if not examples or "label" not in examples[0]:
-        raise UsageError("seq-cls needs labels: pass --label-field")
+        raise UsageError(f"{task} needs labels: pass --label-field")
     classes = len(config.get("id2label") or {}) or config.get("num_labels") or 2  # transformers' default: 2
     for position, example in enumerate(examples, 1):
-        if not 0 <= example["label"] < classes:
-            raise DataError(f"{data}: example {example.get('number', position)} has label {example['label']}, "
-                            f"outside the model's {classes} classes [0, {classes - 1}]")
+        number, label = example.get("number", position), example.get("label")
+        try:  # examples handed over from Python: an int, a numpy integer or a 0-d integer tensor
+            index = operator.index(label)
+        except TypeError:
+            raise DataError(f"{data}: example {number} has label {label!r}, not an integer class index") from None
+        if not 0 <= index < classes:
+            raise DataError(f"{data}: example {number} has label {index}, outside the model's {classes} classes "
+                            f"[0, {classes - 1}]")
