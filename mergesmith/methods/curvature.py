@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mergesmith.checks import value_range
 from mergesmith.errors import RecipeError, StatisticsError
-from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
+from mergesmith.methods.registry import Param, fixed, nonzero_weight_sum, points, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
 
 # not task_arithmetic's WEIGHT: λ_i weighs a precision matrix, and Σ λ_i C_i is positive semi-definite only
@@ -70,7 +70,11 @@ def _needs_fisher(kwargs: dict[str, Any]) -> tuple[str, ...]:
 
 
 @register("fisher", base="ignored", needs=_needs_fisher, validate=nonzero_weight_sum,
-          reference="arXiv:2111.09832", params=[
+          reference="arXiv:2111.09832",
+          # the floor sets how far an entry's Fisher must rise above it to count: from pure Fisher weighting
+          # (1e-10) towards the plain average (1e-4, above most entries of a small model's empirical Fisher)
+          tuning=fixed({"fisher": points(fisher_normalize=["none", "global"], fisher_floor=[1e-10, 1e-7, 1e-4])}),
+          params=[
     WEIGHT,
     Param("fisher_floor", float, 1e-6, interval=(0.0, float("inf")), help="lower bound on every Fisher entry"),
     Param("floor_first_only", bool, False, help="floor only the first model's Fisher (favor_target_model)"),
@@ -139,7 +143,8 @@ def _validate_regmean(kwargs: dict[str, Any], has_base: bool, n_models: int) -> 
 
 
 @register("regmean", base="optional", needs=lambda kwargs: ("gram",), validate=_validate_regmean,
-          reference="arXiv:2212.09849", params=[
+          reference="arXiv:2212.09849", tuning=fixed({"regmean": points(alpha=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0])}),
+          params=[
     WEIGHT,
     Param("alpha", float, 1.0, interval=(0.0, 1.0), help="scale of the Gram matrices' off-diagonal entries"),
     Param("fallback", str, "linear", choices=("linear", "base"),
@@ -169,7 +174,13 @@ def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str
 
 
 @register("mats", base="optional", needs=_mats_needs, validate=_validate_mats, reports=True,
-          reference="arXiv:2312.04339", params=[
+          reference="arXiv:2312.04339", tuning=fixed({
+              # the diagonal solve is exact: the start only fills the entries no model's Fisher covers
+              "mats[fisher]": [*points(precision=["fisher"], init=["task_arithmetic"], **{"lambda": [0.2, 0.5, 1.0]}),
+                               *points(precision=["fisher"], init=["average", "base"])],
+              "mats[gram]": [{"precision": "gram"}],  # an exact solve with nothing to set (RegMean at α = 1)
+              "mats[kfac]": points(precision=["kfac"], damping=[1e-3, 1e-2, 1e-1], **{"lambda": [0.3, 1.0]})}),
+          params=[
     WEIGHT,
     Param("precision", str, "kfac", choices=("identity", "fisher", "gram", "kfac"), help="the precision C_i"),
     Param("init", str, "task_arithmetic", choices=("task_arithmetic", "average", "base"),
@@ -240,6 +251,9 @@ def _mats_start(base: Tensor | None, tensors: Sequence[Tensor], average: Tensor,
 
 
 @register("gradient_matching", base="required", validate=nonzero_weight_sum, reference="arXiv:2310.12808",
+          # with δ = 0 the α_t cancel (a Fisher-weighted mean of task vectors); a larger δ moves the merge towards
+          # task arithmetic with λ = α_t. The base's Fisher as prior needs a base that has a head to measure with.
+          tuning=lambda n: {"gradient_matching": points(prior=[0.0, 1e-3, 1e-1], weight=[1 / n, 2 / n])},
           base_needs=lambda kwargs: ("fisher",) if kwargs["prior"] == "base" else (),
           needs=lambda kwargs: ("fisher", "fisher_count"), params=[
     WEIGHT,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergesmith.methods.registry import Param, register
+from mergesmith.methods.registry import Param, fixed, points, register
 from mergesmith.methods.task_arithmetic import WEIGHT
 
 
@@ -77,6 +77,7 @@ def nuslerp(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[
 
 
 @register("model_stock", min_models=2, reference="arXiv:2403.19522",
+          tuning=fixed({"model_stock": points(filter_wise=[False, True])}),
           params=[Param("filter_wise", bool, False, help="one interpolation ratio per row, not per tensor")])
 def model_stock(base: Tensor, tensors: Sequence[Tensor], *, filter_wise: bool) -> Tensor:
     """Model Stock: with N fine-tunes, cos θ = mean pairwise cosine of their task vectors (per row when

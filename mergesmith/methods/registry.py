@@ -21,6 +21,11 @@ ZERO_SUM = 1e-12
 # a method's check of a combination of bound parameters and inputs: (kwargs, has_base, n_models) → the
 # problem in words, or None; run at plan time, before any tensor is read
 Validator = Callable[[dict[str, Any], bool, int], "str | None"]
+# a method's hyper-parameter grid for n models: {variant label: [recipe parameters, ...]}; every point is
+# a complete ``parameters:`` block (per-model parameters given there apply to every model). The quality
+# benchmark tunes each variant over its points on validation data (benchmarks/quality).
+Tuning = Callable[[int], dict[str, list[dict[str, Any]]]]
+TUNING_POINTS = 6  # the most points a variant's grid may have, so that no method is tuned harder than another
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,13 @@ class MergeMethod:
     reports: bool = False  # the function takes ``report``, a dict it fills with solver diagnostics
     # statistics the base model's sidecar must hold, given the bound parameters (a prior from the base)
     base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
+    tuning: Tuning | None = None  # None: the method takes no part in the quality benchmark
+
+    def grid(self, n_models: int) -> dict[str, list[dict[str, Any]]]:
+        """The method's tuning grid for ``n_models`` inputs ({} when it declares none or cannot take that many)."""
+        if self.tuning is None or n_models < self.min_models or (self.max_models or n_models) < n_models:
+            return {}
+        return self.tuning(n_models)
 
     def check(self, kwargs: dict[str, Any], has_base: bool, n_models: int, where: str) -> None:
         """The method's own check of a combination of parameters and inputs (see ``Validator``)."""
@@ -237,6 +249,20 @@ class MergeMethod:
         return kwargs
 
 
+def points(**axes: Any) -> list[dict[str, Any]]:
+    """Every combination of the axes' values, as recipe parameter blocks: points(density=[.2, .5], **{"lambda":
+    [1.0]}) → [{"density": .2, "lambda": 1.0}, {"density": .5, "lambda": 1.0}]."""
+    blocks: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        blocks = [{**block, key: value} for block in blocks for value in values]
+    return blocks
+
+
+def fixed(grid: dict[str, list[dict[str, Any]]]) -> Tuning:
+    """A Tuning whose grid does not depend on the number of models."""
+    return lambda n_models: grid
+
+
 _METHODS: dict[str, MergeMethod] = {}
 
 
@@ -245,13 +271,14 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
              upcast_inputs: bool = True, reference: str = "",
              needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
              validate: Validator | None = None, reports: bool = False,
-             base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
-             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+             tuning: Tuning | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
     ``upcast_inputs=False`` is for methods that only combine the other inputs with the compute-dtype
     base (or first input) through promoting operations: the engine then skips a float32 copy of each
-    input, which saves memory traffic on the elementwise methods.
+    input, which saves memory traffic on the elementwise methods. ``tuning`` is the method's grid for the
+    quality benchmark (``Tuning``).
     """
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -260,7 +287,8 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         # the docstring's first paragraph, on one line (it states the formula)
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
-                                     upcast_inputs, reference, summary, needs, validate, reports, base_needs)
+                                     upcast_inputs, reference, summary, needs, validate, reports, base_needs,
+                                     tuning)
         return function
 
     return decorate

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mergesmith.errors import RecipeError
-from mergesmith.methods.registry import Param, nonzero_weight_sum, register, weights_sum_to_zero
+from mergesmith.methods.registry import Param, fixed, nonzero_weight_sum, points, register, weights_sum_to_zero
 from mergesmith.methods.sparsify import (
     BLOCK,
     bernoulli_mask,
@@ -57,7 +57,7 @@ def _rescale_mode(rescale: bool | str, default_when_true: str) -> str:
 @register("linear", base="ignored", params=[WEIGHT, Param("normalize", bool, True, help="divide by Σ w_i")],
           upcast_inputs=False,
           validate=nonzero_weight_sum,
-          reference="arXiv:2203.05482")
+          reference="arXiv:2203.05482", tuning=fixed({"linear": [{}]}))  # the plain average has nothing to tune
 def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool) -> Tensor:
     """Weighted average: Σ_i w_i θ_i / Σ_i w_i (without ``normalize``: Σ_i w_i θ_i). The base is not used."""
     divisor = 1.0
@@ -131,7 +131,8 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
 
 @register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False, help="divide by Σ w_i"),
                                      INT8_MASK],
-          upcast_inputs=False, validate=nonzero_weight_sum, reference="arXiv:2212.04089")
+          upcast_inputs=False, validate=nonzero_weight_sum, reference="arXiv:2212.04089",
+          tuning=fixed({"task_arithmetic": points(**{"lambda": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]})}))
 def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], scale: float,
                     normalize: bool, int8_mask: bool) -> Tensor:
     """Task arithmetic: θ_0 + λ Σ_i w_i τ_i (divided by Σ_i w_i when ``normalize``)."""
@@ -152,7 +153,10 @@ def _magnitude_trim(density: Sequence[float], rescale: str) -> Sparsifier:
 @register("ties", params=[WEIGHT, DENSITY, LAMBDA,
                           Param("normalize", bool, True, help="divide by the agreeing models' Σ w_i"),
                           _rescale_param("none"),
-                          INT8_MASK], upcast_inputs=False, reference="arXiv:2306.01708")
+                          INT8_MASK], upcast_inputs=False, reference="arXiv:2306.01708",
+          # the disjoint mean (normalize) has one task vector's scale, so λ is searched around 1 (the paper: k =
+          # 20 % and λ from validation)
+          tuning=fixed({"ties": points(density=[0.2, 0.5], **{"lambda": [0.5, 1.0, 1.5]})}))
 def ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
          scale: float, normalize: bool, rescale: bool | str, int8_mask: bool) -> Tensor:
     """TIES: trim τ_i to its top ⌊density·n⌋ magnitudes (at least one), elect per entry the sign of
@@ -178,7 +182,8 @@ DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False, help="di
 
 
 @register("dare_linear", params=DARE_PARAMS, random=True, upcast_inputs=False, validate=nonzero_weight_sum,
-          reference="arXiv:2311.03099")
+          reference="arXiv:2311.03099",
+          tuning=fixed({"dare_linear": points(density=[0.3, 0.6], **{"lambda": [0.2, 0.4, 0.7]})}))
 def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
                 generator: torch.Generator) -> Tensor:
@@ -189,7 +194,8 @@ def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[flo
                              sparsify=drop)
 
 
-@register("dare_ties", params=DARE_PARAMS, random=True, upcast_inputs=False, reference="arXiv:2311.03099")
+@register("dare_ties", params=DARE_PARAMS, random=True, upcast_inputs=False, reference="arXiv:2311.03099",
+          tuning=fixed({"dare_ties": points(density=[0.3, 0.6], normalize=[True], **{"lambda": [0.5, 1.0, 1.5]})}))
 def dare_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
               scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
               generator: torch.Generator) -> Tensor:
@@ -215,7 +221,8 @@ def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> S
 
 
 @register("breadcrumbs", params=BREADCRUMB_PARAMS, upcast_inputs=False, validate=nonzero_weight_sum,
-          reference="arXiv:2312.06795")
+          reference="arXiv:2312.06795",
+          tuning=fixed({"breadcrumbs": points(density=[0.5, 0.9], **{"lambda": [0.2, 0.4, 0.7]})}))
 def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 gamma: Sequence[float], scale: float, normalize: bool, rescale: bool | str,
                 int8_mask: bool) -> Tensor:
@@ -226,7 +233,9 @@ def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[flo
                              sparsify=crumb)
 
 
-@register("breadcrumbs_ties", params=BREADCRUMB_PARAMS, upcast_inputs=False, reference="arXiv:2312.06795")
+@register("breadcrumbs_ties", params=BREADCRUMB_PARAMS, upcast_inputs=False, reference="arXiv:2312.06795",
+          tuning=fixed({"breadcrumbs_ties": points(density=[0.5, 0.9], normalize=[True],
+                                                   **{"lambda": [0.5, 1.0, 1.5]})}))
 def breadcrumbs_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float],
                      density: Sequence[float], gamma: Sequence[float], scale: float, normalize: bool,
                      rescale: bool | str, int8_mask: bool) -> Tensor:

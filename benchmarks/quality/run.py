@@ -1,0 +1,74 @@
+"""The quality benchmark: fine-tune, measure, merge with every registered method, score, report.
+
+    python benchmarks/quality/run.py                 # both suites, 3 seeds: results/<suite>.{json,md,png}
+    python benchmarks/quality/run.py --suite vision  # one suite
+    python benchmarks/quality/run.py --quick         # the CI smoke test: 1 seed, 1 grid point, few examples
+    python benchmarks/quality/run.py --report        # rebuild the .md and .png files from the committed JSON
+
+Models, sidecars and merges go to --workdir (default: a temporary directory, removed at the end unless
+--keep); fine-tunes and sidecars found there with the same settings are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mergesmith.quality import SUITES, run_suite
+    from mergesmith.quality.report import write
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, each grid's middle point, few examples")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where results go (default: {RESULTS}; --quick: its quick/ folder)")
+    parser.add_argument("--report", action="store_true", help="only rebuild .md and .png from the JSON in --out")
+    args = parser.parse_args(argv)
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    if args.report:
+        for suite in suites:
+            results = json.loads(((args.out or RESULTS) / f"{suite}.json").read_text())
+            print("\n".join(str(p) for p in write(results, args.out or RESULTS)))
+        return 0
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mergesmith-quality-"))
+    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    command = "python benchmarks/quality/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    try:
+        for suite in suites:
+            results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
+                                progress=_progress, say=lambda text: print(text, flush=True))
+            for path in write(results, out):
+                print(f"wrote {path}", flush=True)
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        elif args.workdir is None:
+            print(f"kept the models, sidecars and results in {work}", flush=True)
+    return 0
+
+
+@contextmanager
+def _progress(text: str):
+    start = time.perf_counter()
+    print(f"{text} ...", flush=True)
+    yield
+    print(f"  {time.perf_counter() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The quality benchmark (benchmarks/quality/run.py) and the demo built on it: real fine-tunes merged by every
+registered method, scored per task with each task's own head (``protocol`` says how)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from mergesmith.quality.protocol import Progress, _silent, run_seed, variants
+
+SUITES = ("text", "vision")
+
+
+def suite_module(name: str) -> ModuleType:
+    """A bundled suite by name, or any importable module that provides a suite's names (for new suites)."""
+    return importlib.import_module(f"mergesmith.quality.{name}" if name in SUITES else name)
+
+
+def machine() -> str:
+    cpus = os.cpu_count() or 1
+    return f"{cpus} CPU core{'s' * (cpus > 1)} ({platform.machine()}), torch {_torch_version()}"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
+              command: str = "", progress: Progress = lambda text: _silent(),
+              say: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Run one suite for ``seeds`` in ``work`` and return its results (the JSON the report is built from)."""
+    import torch
+    import transformers
+
+    suite = suite_module(name)
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    transformers.logging.set_verbosity_error()  # "newly initialised head" is expected: every task gets one
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    base = work / "start"
+    marker = base / "quality-start.json"
+    settings = f'{{"quick": {str(quick).lower()}}}'
+    if not (marker.is_file() and marker.read_text() == settings):
+        with progress(f"{name}: making the pretrained start"):
+            if base.exists():
+                shutil.rmtree(base)
+            suite.make_base(base, seed=0, quick=quick)
+            marker.write_text(settings)
+    per_seed, tasks, classes, sources = [], [], {}, {}
+    rows = None
+    for seed in seeds:
+        seed_tasks = suite.make_tasks(seed, quick=quick)
+        tasks = [t.name for t in seed_tasks]
+        classes = {t.name: t.num_labels for t in seed_tasks}
+        sources = {t.name: t.source for t in seed_tasks}
+        rows = rows or variants(len(tasks), quick=quick)
+        result = run_seed(suite, base, work / f"seed-{seed}", seed, quick=quick, rows=rows, progress=progress,
+                          say=say)
+        per_seed.append(asdict(result))
+    assert rows is not None
+    total = {key: sum(s[f"{key}_seconds"] for s in per_seed) for key in ("fine_tune", "multitask", "measure")}
+    wall = time.perf_counter() - started
+    return {"suite": name, "quick": quick, "seeds": list(seeds), "tasks": tasks, "classes": classes,
+            "model": suite.SOURCE, "sources": {"model": suite.SOURCE, **sources}, "command": command,
+            "machine": machine(), "wall_seconds": wall,
+            "seconds": {**total, "merge_and_score": wall - sum(total.values())},
+            "settings": {"fine_tune": suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE,
+                         "measure": getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE},
+            "rows": [{"label": r.label, "method": r.method, "grid": r.grid, "data_aware": r.data_aware} for r in rows],
+            "per_seed": per_seed}

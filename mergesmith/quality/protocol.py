@@ -1,0 +1,385 @@
+"""The quality benchmark's protocol: fine-tune one start per task, merge the fine-tunes with every
+registered method, score the merged body with each task's own head.
+
+A suite (``mergesmith.quality.text``, ``mergesmith.quality.vision``) supplies a pretrained start, tasks with
+train/validation/test splits and the model inputs of a batch. Per seed (= the data split and the
+fine-tuning seed):
+
+1. every task's head is a linear probe of the frozen start's features (the input of ``model.classifier``);
+2. every fine-tune trains the body for a fixed number of AdamW steps with that head frozen (LP-FT, so the
+   start, the fine-tunes and every merge are scored with the same heads), and is saved as a Hugging Face
+   directory; the multitask reference trains one body on all tasks in turn, with the same total steps;
+3. each fine-tune's statistics (Fisher, Gram, K-FAC) are measured once, with ``measure_checkpoint``, on its
+   own training examples, and every data-aware method reuses the sidecar;
+4. every method variant with a tuning grid in the registry is merged at each grid point with
+   ``mergesmith.merge`` (``heads: each``), the point with the best mean normalised validation accuracy is
+   kept, and its test accuracy is reported. Normalised accuracy is accuracy ÷ the task's own fine-tune's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import mergesmith
+from mergesmith.methods.registry import TUNING_POINTS, get_method, method_names
+from mergesmith.quality.tasks import Task
+
+Progress = Callable[[str], Any]  # a context manager factory: with progress("fine-tuning ..."): ...
+KINDS = ("fisher", "gram", "kfac")
+
+
+@dataclass
+class Head:
+    weight: Tensor  # (classes, features)
+    bias: Tensor
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"classifier.weight": self.weight, "classifier.bias": self.bias}
+
+
+@dataclass
+class Variant:
+    """One row of the benchmark: a method with fixed settings, tuned over ``grid``."""
+
+    label: str
+    method: str
+    grid: list[dict[str, Any]]
+    data_aware: bool
+
+
+def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
+    """Every registered method that can merge ``n_models`` fine-tunes and declares a tuning grid, one row per
+    variant (``quick``: only each grid's middle point)."""
+    rows = []
+    for name in method_names():
+        method = get_method(name)
+        for label, grid in method.grid(n_models).items():
+            if not 1 <= len(grid) <= TUNING_POINTS:
+                raise ValueError(f"method '{name}' declares {len(grid)} tuning points for '{label}'; give 1 to "
+                                 f"{TUNING_POINTS}")
+            rows.append(Variant(label, name, [grid[len(grid) // 2]] if quick else list(grid),
+                                method.needs is not None))
+    return rows
+
+
+@contextmanager
+def _silent() -> Iterator[None]:
+    yield
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+
+def auto_class(directory: Path) -> Any:
+    """The Auto class that loads the classifier in ``directory`` (sequence or image classification)."""
+    import transformers
+
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or [""]
+    if architectures[0].endswith("ForImageClassification"):
+        return transformers.AutoModelForImageClassification
+    return transformers.AutoModelForSequenceClassification
+
+
+def load(directory: Path, **options: Any) -> nn.Module:
+    return auto_class(directory).from_pretrained(directory, local_files_only=True, **options)
+
+
+@contextmanager
+def head_on(model: nn.Module, head: Head) -> Iterator[nn.Module]:
+    """``model`` with ``head`` in place of its classifier's output (the classifier's input is the feature)."""
+    handle = model.classifier.register_forward_hook(lambda _m, inputs, _out: F.linear(inputs[0], head.weight,
+                                                                                    head.bias))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def features(model: nn.Module, suite: ModuleType, examples: list[dict[str, Any]], batch_size: int = 64) -> Tensor:
+    """The classifier's inputs for ``examples`` (the start's frozen features for a linear probe)."""
+    captured: list[Tensor] = []
+    handle = model.classifier.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for i in range(0, len(examples), batch_size):
+                model(**suite.inputs(examples[i:i + batch_size]))
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def linear_probe(x: Tensor, labels: Tensor, classes: int, *, steps: int = 300, lr: float = 0.05,
+                 weight_decay: float = 1e-3, seed: int = 0) -> Head:
+    """Multinomial logistic regression on fixed features (full-batch Adam, L2 penalty)."""
+    torch.manual_seed(seed)
+    x = x.float()
+    weight = torch.zeros(classes, x.shape[1], requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(x @ weight.T + bias, labels) + weight_decay * weight.pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return Head(weight.detach().clone(), bias.detach().clone())
+
+
+def labels_of(examples: list[dict[str, Any]]) -> Tensor:
+    return torch.tensor([e["label"] for e in examples])
+
+
+def accuracy(model: nn.Module, head: Head, suite: ModuleType, examples: list[dict[str, Any]],
+             batch_size: int = 64) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode(), head_on(model, head):
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            predicted = model(**suite.inputs(batch)).logits.argmax(-1)
+            correct += int((predicted == labels_of(batch)).sum())
+    return correct / len(examples)
+
+
+def _batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless batches of indices into n examples: reshuffled epochs, so every example is seen."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.sample(range(n), n)
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def train_body(model: nn.Module, suite: ModuleType, tasks: list[Task], heads: dict[str, Head], *, steps: int,
+               lr: float, batch_size: int, weight_decay: float, seed: int) -> None:
+    """AdamW on the body for ``steps`` steps, cycling through ``tasks`` (one task: a fine-tune; all: the
+    multitask reference); every head stays frozen."""
+    torch.manual_seed(seed)  # dropout masks
+    frozen = set(getattr(suite, "FROZEN", ()))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen and not name.startswith("classifier."))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    rng = random.Random(seed)
+    streams = [_batches(len(task.train), batch_size, rng) for task in tasks]
+    model.train()
+    with torch.enable_grad():
+        for step in range(steps):
+            task, stream = tasks[step % len(tasks)], streams[step % len(tasks)]
+            batch = [task.train[i] for i in next(stream)]
+            with head_on(model, heads[task.name]):
+                logits = model(**suite.inputs(batch)).logits
+            F.cross_entropy(logits, labels_of(batch)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+
+
+def save_with_head(model: nn.Module, task: Task, head: Head, base: Path, out: Path) -> None:
+    """Save ``model`` as a classifier for ``task`` (its label space and head) with the base's other files
+    (tokenizer, preprocessing), as a user's fine-tune would be."""
+    model.config.num_labels = task.num_labels
+    model.config.id2label = dict(enumerate(task.labels))
+    model.config.label2id = {label: i for i, label in enumerate(task.labels)}
+    model.classifier = nn.Linear(head.weight.shape[1], head.weight.shape[0])
+    with torch.no_grad():
+        model.classifier.weight.copy_(head.weight)
+        model.classifier.bias.copy_(head.bias)
+    model.save_pretrained(out)
+    for file in base.iterdir():
+        if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name != "config.json" \
+                and not (out / file.name).exists():
+            shutil.copyfile(file, out / file.name)
+
+
+# ---- one seed ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SeedResult:
+    """Test accuracies per row and task for one seed, and what each merge row chose and cost."""
+
+    test: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> task -> accuracy
+    val: dict[str, float] = field(default_factory=dict)  # merge row -> best mean normalised validation accuracy
+    chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    merge_seconds: dict[str, float] = field(default_factory=dict)  # merge row -> mean over its grid points
+    measure_seconds: float = 0.0
+    fine_tune_seconds: float = 0.0
+    multitask_seconds: float = 0.0
+    solver: dict[str, Any] = field(default_factory=dict)
+
+
+def _stamped(directory: Path, settings: dict[str, Any]) -> bool:
+    stamp = directory / "quality-settings.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == settings
+
+
+def _stamp(directory: Path, settings: dict[str, Any]) -> None:
+    (directory / "quality-settings.json").write_text(json.dumps(settings, sort_keys=True))
+
+
+def _fresh(directory: Path) -> None:
+    if directory.exists():
+        shutil.rmtree(directory)
+
+
+def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: bool, rows: list[Variant],
+             progress: Progress = lambda text: _silent(), say: Callable[[str], None] = lambda text: None
+             ) -> SeedResult:
+    """The protocol for one seed in ``work`` (fine-tunes and sidecars are reused when their settings match)."""
+    result = SeedResult()
+    tasks = suite.make_tasks(seed, quick=quick)
+    train = suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE
+    measure_options = dict(getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE)
+    stats_examples = measure_options.pop("examples")
+    settings = {"seed": seed, "quick": quick, "train": train, "measure": measure_options,
+                "stats_examples": stats_examples, "suite": suite.NAME}
+
+    start = load(base)
+    with progress(f"seed {seed}: linear probes of the start on {len(tasks)} tasks"):
+        heads = {}
+        for task in tasks:
+            x = features(start, suite, task.train)
+            heads[task.name] = linear_probe(x, labels_of(task.train), task.num_labels, seed=seed)
+        result.test["start"] = {t.name: accuracy(start, heads[t.name], suite, t.test) for t in tasks}
+    del start
+
+    # a fine-tune is reused only if it was trained with the same head as now
+    settings["heads"] = {name: _head_digest(head) for name, head in heads.items()}
+    finetunes: dict[str, Path] = {}
+    own_val: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for task in tasks:
+        out = work / f"ft-{task.name}"
+        if not _stamped(out, settings):
+            with progress(f"seed {seed}: fine-tuning on {task.name} ({train['steps']} steps)"):
+                _fresh(out)
+                model = load(base, num_labels=task.num_labels, ignore_mismatched_sizes=True)
+                train_body(model, suite, [task], heads, seed=seed, **train)
+                save_with_head(model, task, heads[task.name], base, out)
+                _stamp(out, settings)
+        finetunes[task.name] = out
+    result.fine_tune_seconds = time.perf_counter() - t0
+    result.test["individual"] = {}
+    for task in tasks:
+        model = load(finetunes[task.name])
+        result.test["individual"][task.name] = accuracy(model, heads[task.name], suite, task.test)
+        own_val[task.name] = accuracy(model, heads[task.name], suite, task.val)
+    check_gains(result.test["start"], result.test["individual"], f"{suite.NAME}, seed {seed}")
+
+    multitask = work / "multitask"
+    steps = train["steps"] * len(tasks)
+    t0 = time.perf_counter()
+    if not _stamped(multitask, settings):
+        with progress(f"seed {seed}: multitask reference ({steps} steps over all tasks)"):
+            _fresh(multitask)
+            model = load(base)
+            train_body(model, suite, tasks, heads, seed=seed, **{**train, "steps": steps})
+            model.save_pretrained(multitask)
+            _stamp(multitask, settings)
+    result.multitask_seconds = time.perf_counter() - t0
+    model = load(multitask)
+    result.test["multitask"] = {t.name: accuracy(model, heads[t.name], suite, t.test) for t in tasks}
+
+    sidecars: dict[str, Path] = {}
+    t0 = time.perf_counter()
+    for task in tasks:
+        out = work / f"stats-{task.name}"
+        if not _stamped(out, settings):
+            with progress(f"seed {seed}: measuring {', '.join(KINDS)} of ft-{task.name} on {stats_examples} "
+                          f"examples"):
+                _fresh(out)
+                run = mergesmith.measure_checkpoint(finetunes[task.name], task.train[:stats_examples], kinds=KINDS,
+                                                    **measure_options)
+                run.statistics.save(out)
+                _stamp(out, settings)
+        sidecars[task.name] = out
+    result.measure_seconds = time.perf_counter() - t0
+
+    merged = work / "merged"
+    for row in rows:
+        best: tuple[float, dict[str, Any]] | None = None
+        seconds = []
+        with progress(f"seed {seed}: {row.label}, {len(row.grid)} grid point{'s' * (len(row.grid) > 1)}"):
+            for point in row.grid:
+                recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None)
+                t0 = time.perf_counter()
+                summary = mergesmith.merge(recipe, merged, overwrite=True, seed=seed)
+                seconds.append(time.perf_counter() - t0)
+                model = _merged_model(merged, finetunes, heads)
+                score = sum(accuracy(model, heads[t.name], suite, t.val) / own_val[t.name] for t in tasks) / len(tasks)
+                if best is None or score > best[0]:
+                    best = (score, point)
+                    test = {t.name: accuracy(model, heads[t.name], suite, t.test) for t in tasks}
+                    result.test[row.label] = test
+                    if summary.solver:
+                        result.solver[row.label] = _solver_digest(summary.solver)
+        assert best is not None
+        result.val[row.label], result.chosen[row.label] = best
+        result.merge_seconds[row.label] = sum(seconds) / len(seconds)
+        say(f"seed {seed}: {row.label:<18} {_mean(result.test[row.label]):6.1%} test accuracy "
+            f"(validation {best[0]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge)")
+    _fresh(merged)
+    return result
+
+
+def check_gains(start: dict[str, float], individual: dict[str, float], where: str) -> None:
+    """Every fine-tune must beat the start on its own task: otherwise there is nothing to merge."""
+    for task, own in individual.items():
+        if own <= start[task]:
+            raise RuntimeError(f"{where}: the fine-tune on {task} does not beat the start ({own:.1%} against "
+                               f"{start[task]:.1%} test accuracy); there is nothing to merge")
+
+
+def _head_digest(head: Head) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in (head.weight, head.bias))).hexdigest()[:16]
+
+
+def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
+            sidecars: dict[str, Path] | None) -> dict[str, Any]:
+    models = [{"model": str(path), **({"stats": str(sidecars[task])} if sidecars else {})}
+              for task, path in finetunes.items()]
+    recipe: dict[str, Any] = {"merge_method": row.method, "models": models, "parameters": dict(point),
+                              "heads": "each", "dtype": "float32"}
+    if get_method(row.method).base != "ignored":
+        recipe["base_model"] = str(base)
+    return recipe
+
+
+def _merged_model(merged: Path, finetunes: dict[str, Path], heads: dict[str, Head]) -> nn.Module:
+    """The merged body; each task's head, which ``heads: each`` wrote under heads/<fine-tune>/, must be the
+    head the fine-tune was trained with."""
+    from safetensors.torch import load_file
+
+    for task, path in finetunes.items():
+        kept = load_file(str(merged / "heads" / path.name / "model.safetensors"))
+        if not all(torch.equal(kept[k], v) for k, v in heads[task].tensors().items()):
+            raise RuntimeError(f"{merged}/heads/{path.name}: the merge's kept head differs from {path}'s")
+    return load(merged)
+
+
+def _solver_digest(solver: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    iterations = [block.get("iterations", 0) for block in solver.values()]
+    residuals = [block.get("final_residual", 0.0) for block in solver.values()]
+    return {"blocks": len(iterations), "max_iterations": max(iterations, default=0),
+            "max_final_residual": max(residuals, default=0.0)}
+
+
+def _mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores) if scores else math.nan
