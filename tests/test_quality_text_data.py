@@ -1,21 +1,16 @@
-"""The text tasks of the quality benchmark (benchmarks/quality/text_data.py): balanced, disjoint, seeded splits of
+"""The text tasks of the quality benchmark (mergesmith/quality/text_data.py): balanced, disjoint, seeded splits of
 short texts whose label's giveaway has been taken out."""
 
 from __future__ import annotations
 
 import re
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-# benchmarks/ is not an installed package: the repository root has to be importable, as under python -m pytest.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-from benchmarks.quality import text_data as td  # noqa: E402
+from mergesmith.quality import text_data as td
 
 _SOURCES = {
     td.GCIDE: "dict-gcide",

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mergesmith.quality.protocol import Progress, _silent, run_seed, variants
+from mergesmith.quality.protocol import Progress, _silent, run_seed, suite_tasks, variants
 
 SUITES = ("text", "vision")
 
@@ -60,7 +60,7 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
     per_seed, tasks, classes, sources = [], [], {}, {}
     rows = None
     for seed in seeds:
-        seed_tasks = suite.make_tasks(seed, quick=quick)
+        seed_tasks = suite_tasks(suite, seed, quick=quick)
         tasks = [t.name for t in seed_tasks]
         classes = {t.name: t.num_labels for t in seed_tasks}
         sources = {t.name: t.source for t in seed_tasks}

@@ -23,6 +23,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from mergesmith.quality.tasks import Task
 
 Progress = Callable[[str], Any]  # a context manager factory: with progress("fine-tuning ..."): ...
 KINDS = ("fisher", "gram", "kfac")
+QUICK_TASKS = 3  # --quick merges the first three tasks only: a smoke test of the pipeline, not a measurement
 
 
 @dataclass
@@ -74,6 +76,11 @@ def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
             rows.append(Variant(label, name, [grid[len(grid) // 2]] if quick else list(grid),
                                 method.needs is not None))
     return rows
+
+
+def suite_tasks(suite: ModuleType, seed: int, *, quick: bool) -> list[Task]:
+    tasks = suite.make_tasks(seed, quick=quick)
+    return tasks[:QUICK_TASKS] if quick else tasks
 
 
 @contextmanager
@@ -122,21 +129,25 @@ def features(model: nn.Module, suite: ModuleType, examples: list[dict[str, Any]]
     return torch.cat(captured)
 
 
-def linear_probe(x: Tensor, labels: Tensor, classes: int, *, steps: int = 300, lr: float = 0.05,
-                 weight_decay: float = 1e-3, seed: int = 0) -> Head:
-    """Multinomial logistic regression on fixed features (full-batch Adam, L2 penalty)."""
-    torch.manual_seed(seed)
-    x = x.float()
-    weight = torch.zeros(classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+def linear_probe(x: Tensor, labels: Tensor, classes: int, *, steps: int = 100,
+                 weight_decay: float = 1e-3) -> Head:
+    """Multinomial logistic regression on fixed features with an L2 penalty, solved by full-batch L-BFGS
+    (the objective is convex, so this is its optimum, whatever the seed)."""
+    x = x.double()
+    weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, labels) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
     with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.cross_entropy(x @ weight.T + bias, labels) + weight_decay * weight.pow(2).sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return Head(weight.detach().clone(), bias.detach().clone())
+        optimizer.step(objective)
+    return Head(weight.detach().float(), bias.detach().float())
 
 
 def labels_of(examples: list[dict[str, Any]]) -> Tensor:
@@ -221,6 +232,7 @@ class SeedResult:
     fine_tune_seconds: float = 0.0
     multitask_seconds: float = 0.0
     solver: dict[str, Any] = field(default_factory=dict)
+    warnings: dict[str, dict[str, int]] = field(default_factory=dict)  # merge row -> warning text -> times
 
 
 def _stamped(directory: Path, settings: dict[str, Any]) -> bool:
@@ -242,7 +254,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
              ) -> SeedResult:
     """The protocol for one seed in ``work`` (fine-tunes and sidecars are reused when their settings match)."""
     result = SeedResult()
-    tasks = suite.make_tasks(seed, quick=quick)
+    tasks = suite_tasks(suite, seed, quick=quick)
     train = suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE
     measure_options = dict(getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE)
     stats_examples = measure_options.pop("examples")
@@ -254,7 +266,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
         heads = {}
         for task in tasks:
             x = features(start, suite, task.train)
-            heads[task.name] = linear_probe(x, labels_of(task.train), task.num_labels, seed=seed)
+            heads[task.name] = linear_probe(x, labels_of(task.train), task.num_labels)
         result.test["start"] = {t.name: accuracy(start, heads[t.name], suite, t.test) for t in tasks}
     del start
 
@@ -318,8 +330,11 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             for point in row.grid:
                 recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None)
                 t0 = time.perf_counter()
-                summary = mergesmith.merge(recipe, merged, overwrite=True, seed=seed)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    summary = mergesmith.merge(recipe, merged, overwrite=True, seed=seed)
                 seconds.append(time.perf_counter() - t0)
+                _count_warnings(result.warnings.setdefault(row.label, {}), caught)
                 model = _merged_model(merged, finetunes, heads)
                 score = sum(accuracy(model, heads[t.name], suite, t.val) / own_val[t.name] for t in tasks) / len(tasks)
                 if best is None or score > best[0]:
@@ -372,6 +387,14 @@ def _merged_model(merged: Path, finetunes: dict[str, Path], heads: dict[str, Hea
         if not all(torch.equal(kept[k], v) for k, v in heads[task].tensors().items()):
             raise RuntimeError(f"{merged}/heads/{path.name}: the merge's kept head differs from {path}'s")
     return load(merged)
+
+
+def _count_warnings(counts: dict[str, int], caught: list[warnings.WarningMessage]) -> None:
+    """Warnings by kind, with the tensor's name taken out: "the Gram sum is singular ..." × 37."""
+    for warning in caught:
+        text = str(warning.message)
+        text = text.split("': ", 1)[1] if text.startswith("'") and "': " in text else text
+        counts[text] = counts.get(text, 0) + 1
 
 
 def _solver_digest(solver: dict[str, dict[str, Any]]) -> dict[str, Any]:

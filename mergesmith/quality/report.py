@@ -113,6 +113,16 @@ def markdown(results: dict[str, Any]) -> str:
     for row in rows:
         chosen = "; ".join(_point(s["chosen"][row]) for s in results["per_seed"])
         out.append(f"| {row} | {'; '.join(_point(p) for p in info[row]['grid'])} | {chosen} |")
+    notes = {}
+    for seed in results["per_seed"]:
+        for row, counts in seed.get("warnings", {}).items():
+            for text, times in counts.items():
+                notes.setdefault(row, {}).setdefault(text, 0)
+                notes[row][text] += times
+    if notes:
+        out += ["", "## Warnings during the merges (all seeds and grid points)", ""]
+        for row, counts in notes.items():
+            out += [f"- {row}: " + "; ".join(f"{text} (×{times})" for text, times in counts.items())]
     timing = results["seconds"]
     out += ["", "## Time", "",
             f"Fine-tuning {timing['fine_tune']:.0f} s, multitask {timing['multitask']:.0f} s, measuring statistics "

@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mergesmith.quality.tasks import Task  # benchmarks/quality/common.py re-exports it, for now
+from mergesmith.quality.tasks import Task
 
 TASK_NAMES: tuple[str, ...] = (
     "gcide_pos",
@@ -67,7 +67,7 @@ Pool = tuple[tuple[str, ...], list[tuple[str, int, str]]]  # class names, (text,
 
 def _missing(path: Path | str, package: str, why: str = "") -> RuntimeError:
     return RuntimeError(
-        f"benchmarks/quality: the text suite reads {path} from the Debian package {package}{why}; "
+        f"the quality benchmark's text suite reads {path} from the Debian package {package}{why}; "
         f"install it with: apt-get install {package}"
     )
 
@@ -511,7 +511,8 @@ def _kjv() -> tuple[tuple[str, str, int], ...]:
             if _fits(text) and not _KJV_NAMES.search(m.group(2)):
                 verses.append((text, " ".join(chapter), _BOOK_GROUP[chapter[0]]))
     if set(_BOOK_GROUP) - seen_books or len(verses) < 15000:
-        raise RuntimeError(f"benchmarks/quality: {program} did not dump the whole KJV Bible ({len(verses)} verses)")
+        raise RuntimeError(f"the quality benchmark's text suite: {program} did not dump the whole KJV Bible "
+                           f"({len(verses)} verses)")
     return tuple(verses)
 
 

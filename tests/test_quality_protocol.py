@@ -1,0 +1,142 @@
+"""The quality benchmark's pieces, each against an independent computation: the method rows come from the
+registry, every grid point is a valid recipe, the linear probe is optimal, a head is applied as x Wᵀ + b,
+and the report's normalised averages and ordering verdicts are the formulas' numbers."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from mergesmith.methods import registry
+from mergesmith.methods.registry import TUNING_POINTS, MergeMethod, Param, get_method, method_names
+from mergesmith.quality import protocol, report
+
+
+def test_every_method_that_can_merge_six_models_is_a_row():
+    labels = [row.label for row in protocol.variants(6)]
+    assert len(labels) == len(set(labels))
+    for name in method_names():
+        method = get_method(name)
+        fits = method.min_models <= 6 <= (method.max_models or 6)
+        assert fits == any(row.method == name for row in protocol.variants(6)), name
+        if fits:  # a method that can take part declares its grid: no method is left out silently
+            assert method.tuning is not None, f"{name} can merge 6 models but declares no tuning grid"
+    for required in ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "model_stock", "fisher",
+                     "regmean", "mats[fisher]", "mats[gram]", "mats[kfac]", "gradient_matching"):
+        assert required in labels
+
+
+def test_a_method_registered_later_gets_its_row(monkeypatch):
+    def scaled_average(base, tensors, *, scale):
+        return scale * sum(tensors) / len(tensors)
+
+    method = MergeMethod("test_scaled_average", scaled_average, (Param("scale", float, 1.0),), "ignored",
+                         tuning=registry.fixed({"test_scaled_average": registry.points(scale=[0.5, 1.0])}))
+    monkeypatch.setitem(registry._METHODS, method.name, method)
+    rows = {row.label: row for row in protocol.variants(4)}
+    assert rows["test_scaled_average"].grid == [{"scale": 0.5}, {"scale": 1.0}]
+    assert protocol.variants(4, quick=True)[[r.label for r in protocol.variants(4, quick=True)].index(
+        "test_scaled_average")].grid == [{"scale": 1.0}]  # quick: the middle point
+
+
+@pytest.mark.parametrize("n_models", [3, 6])
+def test_every_grid_point_is_a_valid_recipe(n_models):
+    for row in protocol.variants(n_models):
+        method = get_method(row.method)
+        assert 1 <= len(row.grid) <= TUNING_POINTS
+        assert len({repr(sorted(p.items())) for p in row.grid}) == len(row.grid), f"{row.label}: repeated points"
+        for point in row.grid:
+            where = f"{row.label} {point}"
+            kwargs = method.bind(point, [{} for _ in range(n_models)], where)
+            method.check(kwargs, True, n_models, where)
+
+
+def test_points_is_the_cartesian_product():
+    grid = registry.points(a=[1, 2], b=["x", "y", "z"])
+    assert grid == [{"a": a, "b": b} for a in (1, 2) for b in ("x", "y", "z")]
+
+
+def test_linear_probe_reaches_the_optimum_of_its_objective():
+    torch.manual_seed(0)
+    x = torch.randn(200, 5)
+    labels = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    head = protocol.linear_probe(x, labels, 3, weight_decay=1e-3)
+    head = protocol.Head(head.weight.double(), head.bias.double())
+    x = x.double()
+    weight = head.weight.clone().requires_grad_(True)
+    bias = head.bias.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels) + 1e-3 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-5 and bias.grad.abs().max() < 1e-5  # stationary: the convex optimum
+    # and it classifies far above the majority class (about 60 %)
+    accuracy = float(((x @ head.weight.T + head.bias).argmax(-1) == labels).float().mean())
+    assert accuracy > 0.8
+
+
+def test_a_head_replaces_the_classifier_output():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, vocab_size=50, num_labels=2)).eval()
+    batch = {"input_ids": torch.randint(0, 50, (4, 7))}
+    pooled = torch.tanh(model.bert.pooler.dense(model.bert(**batch).last_hidden_state[:, 0]))
+    head = protocol.Head(torch.randn(5, 16), torch.randn(5))
+    with torch.no_grad(), protocol.head_on(model, head):
+        logits = model(**batch).logits
+    torch.testing.assert_close(logits, pooled @ head.weight.T + head.bias)
+    assert model(**batch).logits.shape == (4, 2)  # the hook is gone afterwards
+
+
+def _results(scores: dict[str, list[dict[str, float]]], tasks=("a", "b")) -> dict:
+    """A results dict with the given per-seed test accuracies."""
+    seeds = len(scores["individual"])
+    per_seed = [{"test": {row: values[s] for row, values in scores.items()},
+                 "merge_seconds": {row: 1.0 for row in scores if row not in report.REFERENCES},
+                 "chosen": {row: {} for row in scores}} for s in range(seeds)]
+    rows = [{"label": row, "method": row, "grid": [{}], "data_aware": row in ("regmean", "fisher")}
+            for row in scores if row not in report.REFERENCES]
+    return {"suite": "t", "quick": False, "tasks": list(tasks), "per_seed": per_seed, "rows": rows,
+            "classes": {t: 2 for t in tasks}, "model": "m", "command": "c", "machine": "x", "wall_seconds": 1.0,
+            "seconds": {"fine_tune": 0, "multitask": 0, "measure": 0, "merge_and_score": 0}}
+
+
+def test_normalised_accuracy_is_the_mean_of_ratios_to_each_own_fine_tune():
+    individual = [{"a": 0.8, "b": 0.5}, {"a": 1.0, "b": 0.4}]
+    merged = [{"a": 0.6, "b": 0.5}, {"a": 0.9, "b": 0.2}]
+    results = _results({"start": merged, "individual": individual, "multitask": individual, "linear": merged})
+    stats = report.row_stats(results, "linear")
+    per_seed = [100 * ((0.6 / 0.8) + (0.5 / 0.5)) / 2, 100 * ((0.9 / 1.0) + (0.2 / 0.4)) / 2]
+    assert math.isclose(stats["normalised"], sum(per_seed) / 2)
+    assert math.isclose(stats["normalised_spread"], statistics.stdev(per_seed))
+    assert math.isclose(stats["absolute"], 100 * (0.55 + 0.55) / 2)
+    assert math.isclose(stats["per_task"]["b"], 100 * (1.0 + 0.5) / 2)
+
+
+def test_the_reading_states_which_steps_of_the_literature_order_held():
+    def row(value):
+        return [{"a": value, "b": value}]
+
+    results = _results({"start": row(0.3), "individual": row(0.9), "multitask": row(0.85), "linear": row(0.5),
+                        "task_arithmetic": row(0.6), "fisher": row(0.55), "ties": row(0.7), "regmean": row(0.8)})
+    lines = report.reading(results)
+    assert "did not hold (1 of 6 steps)" in lines[0]  # Fisher 55 is below task arithmetic 60
+    assert "task_arithmetic 60.0 > fisher 55.0" in lines[0]
+    assert "best data-aware regmean" in lines[1] and "yes" in lines[1]
+    # regmean is 0.8/0.9 normalised, ties 0.7/0.9, multitask 0.85/0.9: +11.1 above TIES, 5.6 below multitask
+    assert "not met" in lines[2] and "+11.1 points from TIES and 5.6 below multitask" in lines[2]
+
+
+def test_the_markdown_and_charts_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    individual = [{"a": 0.9, "b": 0.8}]
+    results = _results({"start": [{"a": 0.5, "b": 0.5}], "individual": individual, "multitask": individual,
+                        "linear": [{"a": 0.7, "b": 0.6}], "regmean": [{"a": 0.8, "b": 0.7}]})
+    files = report.write(results, tmp_path)
+    assert [f.name for f in files] == ["t.json", "t.md", "t.png", "t-time.png"]
+    assert all(f.stat().st_size > 0 for f in files)
+    text = (tmp_path / "t.md").read_text()
+    assert f"| regmean | data-aware | 1 | {100 * (0.8 / 0.9 + 0.7 / 0.8) / 2:.1f} ± 0.0 |" in text
