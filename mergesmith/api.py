@@ -16,7 +16,7 @@ from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeWarning, OutputError, RecipeError, human_size
 from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
-from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file
+from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file, read_json
 from mergesmith.io.sidecar import StatsReader
 from mergesmith.io.writer import (
     OutputTensor,
@@ -164,10 +164,20 @@ def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | No
         where = "the base model" if recipe.tokenizer_source == "base" else f"'{recipe.tokenizer_source}'"
         raise RecipeError(f"recipe: tokenizer_source: {recipe.tokenizer_source}, but {where} has no tokenizer files "
                           f"({', '.join(TOKENIZER_FILES[:3])}, ...); name a model that has one, or remove the key")
-    if recipe.tokenizer_source is None and not has_tokenizer and reference_dir is not None:
+    if recipe.tokenizer_source is None and not has_tokenizer and reference_dir is not None \
+            and not _reads_images(config_dir):
         warnings.warn(MergeWarning(f"'{plan.reference.name}' has no tokenizer files; the output has none (set "
                                    f"tokenizer_source: MODEL to copy another model's)"), stacklevel=2)
     return config_dir, tokenizer_dir
+
+
+def _reads_images(config_dir: Path | None) -> bool:
+    """An image model (an *ForImageClassification architecture) has no tokenizer to miss."""
+    config = contained_file(config_dir, "config.json") if config_dir is not None else None
+    if config is None:
+        return False
+    architectures = read_json(config, advice="fix or remove it").get("architectures") or []
+    return any(str(a).endswith("ForImageClassification") for a in architectures)
 
 
 def _output_dtype(plan: Plan) -> Any:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mergesmith.errors import MergeError, MergeWarning, human_size
+from mergesmith.errors import MergeError, MergeWarning, UsageError, did_you_mean, human_size
 
 # rich_markup_mode=None: click's plain help, which wraps at any width (rich's cuts option names at 80 columns)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -194,12 +194,22 @@ def _shown(value: object) -> str:
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(None, help="Where to keep the demo's models (default: a temp dir)."),
-         steps: int = typer.Option(60, help="Fine-tuning steps per task.")) -> None:
-    """Fine-tune a small real model on three tasks, merge the fine-tunes with several methods, compare."""
+def demo(suite: str = typer.Option("vision", help="vision (a small ConvNext on scikit-learn's digits, about two "
+                                   "minutes) or text (MiniLM-L6 on Debian's dictionaries, Bible and manual pages; "
+                                   "slower)."),
+         out: Path = typer.Option(Path("mergesmith-demo"), help="Where the table (JSON, Markdown) and charts go."),
+         workdir: Path = typer.Option(None, help="Keep the models and sidecars here (reused by the next run) "
+                                      "instead of a temporary directory."),
+         keep: bool = typer.Option(False, help="Keep the temporary directory of models and sidecars."),
+         quick: bool = typer.Option(False, help="Three tasks, one grid point per method, fewer steps: a smoke "
+                                    "test.")) -> None:
+    """Fine-tune a small real model on several tasks, merge the fine-tunes with every method, compare."""
     from mergesmith.demo import run_demo
+    from mergesmith.quality import SUITES
 
-    run_demo(workdir=workdir, steps=steps, console=console)
+    if suite not in SUITES:
+        raise UsageError(f"--suite {suite}: expected {' or '.join(SUITES)}{did_you_mean(suite, SUITES)}")
+    run_demo(suite=suite, workdir=workdir, out=out, keep=keep, quick=quick, console=console)
 
 
 @app.command()

@@ -1,11 +1,9 @@
-"""The vision suite (benchmarks/quality/vision.py): its tasks are balanced, disjoint and seeded, every image is
+"""The vision suite (mergesmith/quality/vision.py): its tasks are balanced, disjoint and seeded, every image is
 what its task says, checked against the raw scikit-learn digits by index arithmetic rather than the suite's own
 transforms, and its pretrained start is a Hugging Face ConvNext that loads and is mostly nn.Linear."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,20 +13,12 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from mergesmith.quality import vision  # noqa: E402
+
 SPLITS = ("train", "val", "test")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_suite():
-    """benchmarks/ is no package on the test path: load the suite from its file."""
-    spec = importlib.util.spec_from_file_location("quality_vision_suite", ROOT / "benchmarks/quality/vision.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-vision = _load_suite()
 
 
 @pytest.fixture(scope="module")

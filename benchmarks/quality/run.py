@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where results go (default: {RESULTS}; --quick: its quick/ folder)")
     parser.add_argument("--report", action="store_true", help="only rebuild .md and .png from the JSON in --out")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 2, or 1 on a busy machine)")
     args = parser.parse_args(argv)
     suites = SUITES if args.suite == "all" else (args.suite,)
     if args.report:
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads(((args.out or RESULTS) / f"{suite}.json").read_text())
             print("\n".join(str(p) for p in write(results, args.out or RESULTS)))
         return 0
+    import torch
+
+    from mergesmith.quality import threads
+
+    torch.set_num_threads(args.threads or threads())
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mergesmith-quality-"))
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)

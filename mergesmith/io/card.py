@@ -14,7 +14,7 @@ from mergesmith.io.checkpoint import contained_file, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                   "chat_template.jinja", "chat_template.json")
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64"}
