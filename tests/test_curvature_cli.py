@@ -330,3 +330,35 @@ def test_the_summary_counts_a_bias_solved_with_its_weight_as_merged_with_statist
     assert "bert.encoder.layer.0.attention.self.query.bias" in companions
     assert not set(plan.fallback) & companions
     assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in plan.fallback  # no K-FAC for a norm
+
+
+def test_statistics_of_fine_tunes_with_different_label_spaces_merge_with_heads_each(tmp_path, run_cli,
+                                                                                    write_recipe):
+    """A sidecar's architecture identity leaves the head out: a 3-way and a 5-way fine-tune of one body are
+    one architecture to RegMean, which then solves each body weight from the two Gram matrices."""
+    from transformers import BertForSequenceClassification
+
+    from mergesmith.io.sidecar import StatsReader
+    from mergesmith.measure import measure
+    from mergesmith.measure.hf import seq_cls_log_likelihood
+
+    base = _classifier(tmp_path, "base", 2, 0)
+    tasks = {"three": _classifier(tmp_path, "three", 3, 1), "five": _classifier(tmp_path, "five", 5, 2)}
+    generator = torch.Generator().manual_seed(0)
+    for name, path in tasks.items():
+        model = BertForSequenceClassification.from_pretrained(path).eval()
+        labels = 3 if name == "three" else 5
+        batches = [{"input_ids": torch.randint(0, 30, (8, 6), generator=generator),
+                    "attention_mask": torch.ones(8, 6, dtype=torch.long),
+                    "labels": torch.randint(0, labels, (8,), generator=generator)} for _ in range(3)]
+        measure(model, batches, log_likelihood=seq_cls_log_likelihood, kinds=["gram"]).save(tmp_path / f"s-{name}")
+    recipe = {"merge_method": "regmean", "base_model": str(base), "heads": "each",
+              "models": [{"model": str(p), "stats": str(tmp_path / f"s-{n}")} for n, p in tasks.items()]}
+    result = run_cli("merge", write_recipe(recipe), tmp_path / "out")
+    assert result.code == 0, result.stderr
+    key, module = "bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.0.output.dense"
+    grams = [StatsReader(tmp_path / f"s-{n}").get(f"gram/{module}").double() for n in tasks]
+    weights = [load_file(p / "model.safetensors")[key].double() for p in tasks.values()]
+    expected = torch.linalg.solve(sum(grams), sum(g @ w.T for g, w in zip(grams, weights))).T  # RegMean, α = 1
+    merged = load_file(tmp_path / "out" / "model.safetensors")[key].double()
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)

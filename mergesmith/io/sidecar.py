@@ -58,10 +58,15 @@ def weights_fingerprint(tensor: torch.Tensor) -> str:
 
 
 def model_identity(named_shapes: dict[str, tuple[int, ...]]) -> str:
-    """A short identity of a model's architecture: a hash of its parameter names and shapes."""
+    """A short identity of a model's architecture: a hash of its parameter names and shapes, the task head's
+    left out — fine-tunes of one body for tasks with different label counts are one architecture to merge
+    (``heads: each``)."""
     import hashlib
 
-    text = json.dumps(sorted((name, list(shape)) for name, shape in named_shapes.items()))
+    from mergesmith.architecture import HEAD_PREFIXES, is_head
+
+    body = [(name, list(shape)) for name, shape in named_shapes.items() if not is_head(name, HEAD_PREFIXES)]
+    text = json.dumps(sorted(body))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
