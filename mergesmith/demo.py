@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergesmith.errors import OutputError
@@ -76,7 +77,7 @@ def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: s
     try:
         results = run_suite(suite, work / suite, seeds=[seed], quick=quick, command=f"mergesmith demo --suite {suite}",
                             progress=lambda text: _step(console, text),
-                            say=lambda text: console.print(f"  {text}", highlight=False))
+                            say=lambda text: console.print(f"  {text}", highlight=False, markup=False))
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text("written by mergesmith demo\n")
         files = write(results, out)
@@ -97,9 +98,9 @@ def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: s
 @contextmanager
 def _step(console: Console, text: str) -> Iterator[None]:
     start = time.perf_counter()
-    with console.status(text):
+    with console.status(escape(text)):
         yield
-    console.print(f"{text}: {time.perf_counter() - start:.1f} s", highlight=False)
+    console.print(f"{text}: {time.perf_counter() - start:.1f} s", highlight=False, markup=False)
 
 
 def _size(directory: Path) -> int:
@@ -122,7 +123,7 @@ def table(results: dict[str, Any]) -> Table:
         stats = row_stats(results, name)
         kind = "reference" if name in REFERENCES else "data-aware" if name in aware else "data-free"
         seconds = seed["merge_seconds"].get(name)
-        view.add_row(name, kind, f"{stats['normalised']:.1f}%", f"{stats['absolute']:.1f}%",
+        view.add_row(escape(name), kind, f"{stats['normalised']:.1f}%", f"{stats['absolute']:.1f}%",
                      *(f"{100 * seed['test'][name][t]:.1f}" for t in tasks),
                      f"{seconds:.1f}" if seconds is not None else "", end_section=name == REFERENCES[-1])
     return view

@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(argv: list[str] | None = None) -> int:
     from mergesmith.quality import SUITES, run_suite
-    from mergesmith.quality.report import write
+    from mergesmith.quality.report import summary_table, write
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=(*SUITES, "all"), default="all")
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     suites = SUITES if args.suite == "all" else (args.suite,)
     if args.report:
-        for suite in suites:
-            results = json.loads(((args.out or RESULTS) / f"{suite}.json").read_text())
+        everything = [json.loads(((args.out or RESULTS) / f"{suite}.json").read_text()) for suite in suites]
+        for results in everything:
             print("\n".join(str(p) for p in write(results, args.out or RESULTS)))
+        print(summary_table(everything))  # the README's table
         return 0
     import torch
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from mergesmith.quality.protocol import Progress, _silent, run_seed, suite_tasks, variants
 
-SUITES = ("text", "vision")
+SUITES = ("vision", "text")  # vision first: it is over in minutes
 
 
 def suite_module(name: str) -> ModuleType:

@@ -322,33 +322,32 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
         sidecars[task.name] = out
     result.measure_seconds = time.perf_counter() - t0
 
-    merged = work / "merged"
     for row in rows:
-        best: tuple[float, dict[str, Any]] | None = None
-        seconds = []
+        scores, seconds = [], []
         with progress(f"seed {seed}: {row.label}, {len(row.grid)} grid point{'s' * (len(row.grid) > 1)}"):
-            for point in row.grid:
+            # every point's merge is kept until the grid is done, so that only the best one is scored on test
+            for i, point in enumerate(row.grid):
                 recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    summary = mergesmith.merge(recipe, merged, overwrite=True, seed=seed)
+                    summary = mergesmith.merge(recipe, work / f"merged-{i}", overwrite=True, seed=seed)
                 seconds.append(time.perf_counter() - t0)
                 _count_warnings(result.warnings.setdefault(row.label, {}), caught)
-                model = _merged_model(merged, finetunes, heads)
-                score = sum(accuracy(model, heads[t.name], suite, t.val) / own_val[t.name] for t in tasks) / len(tasks)
-                if best is None or score > best[0]:
-                    best = (score, point)
-                    test = {t.name: accuracy(model, heads[t.name], suite, t.test) for t in tasks}
-                    result.test[row.label] = test
-                    if summary.solver:
-                        result.solver[row.label] = _solver_digest(summary.solver)
-        assert best is not None
-        result.val[row.label], result.chosen[row.label] = best
+                if summary.solver:
+                    result.solver.setdefault(row.label, []).append(_solver_digest(summary.solver))
+                model = _merged_model(work / f"merged-{i}", finetunes, heads)
+                scores.append(sum(accuracy(model, heads[t.name], suite, t.val) / own_val[t.name] for t in tasks)
+                              / len(tasks))
+            best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the earlier point
+            model = _merged_model(work / f"merged-{best}", finetunes, heads)
+            result.test[row.label] = {t.name: accuracy(model, heads[t.name], suite, t.test) for t in tasks}
+            for i in range(len(row.grid)):
+                _fresh(work / f"merged-{i}")
+        result.val[row.label], result.chosen[row.label] = scores[best], row.grid[best]
         result.merge_seconds[row.label] = sum(seconds) / len(seconds)
         say(f"seed {seed}: {row.label:<18} {_mean(result.test[row.label]):6.1%} test accuracy "
-            f"(validation {best[0]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge)")
-    _fresh(merged)
+            f"(validation {scores[best]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge)")
     return result
 
 

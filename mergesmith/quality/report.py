@@ -203,3 +203,26 @@ def write(results: dict[str, Any], directory: Path) -> list[Path]:
     json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     md_path.write_text(markdown(results))
     return [json_path, md_path, *charts(results, directory)]
+
+
+def summary_table(suites: list[dict[str, Any]]) -> str:
+    """The README's table: every row's normalised (and absolute) test accuracy on each suite, mean ± s.d."""
+    rows = list(REFERENCES)
+    for results in suites:
+        rows += [r for r in sorted(merge_rows(results), key=lambda r: -row_stats(results, r)["normalised"])
+                 if r not in rows]
+    aware = set().union(*(data_aware(r) for r in suites))
+    header = "| model | kind | " + " | ".join(f"{r['suite']} normalised % | {r['suite']} absolute %" for r in suites)
+    lines = [header + " |", "|---|---|" + "---:|---:|" * len(suites)]
+    for row in rows:
+        kind = "reference" if row in REFERENCES else "data-aware" if row in aware else "data-free"
+        cells = []
+        for results in suites:
+            if row in REFERENCES or row in merge_rows(results):
+                s = row_stats(results, row)
+                cells += [f"{s['normalised']:.1f} ± {s['normalised_spread']:.1f}",
+                          f"{s['absolute']:.1f} ± {s['absolute_spread']:.1f}"]
+            else:
+                cells += ["", ""]
+        lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
