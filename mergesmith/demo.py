@@ -22,25 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mergesmith.errors import OutputError
-
-MARKER = ".mergesmith-demo"  # names the folders the demo wrote, so that it replaces only those
-
-
-def check_results_dir(out: Path) -> None:
-    """The demo writes its table and charts into ``out``: a new or empty directory, or one it wrote before."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a directory; name a new directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise OutputError(f"--out {out} holds files the demo did not write; name a new or empty directory")
-
-
-def check_workdir(work: Path) -> None:
-    if work.exists() and not work.is_dir():
-        raise OutputError(f"--workdir {work} exists and is not a directory; name a new directory")
-    if work.is_dir() and any(work.iterdir()) and not (work / MARKER).is_file():
-        raise OutputError(f"--workdir {work} holds files an earlier demo did not write; name a new or empty "
-                          f"directory")
+from mergesmith.quality import claim
 
 
 def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: str | Path = "mergesmith-demo",
@@ -59,12 +41,10 @@ def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: s
     os.environ["HF_HUB_OFFLINE"] = "1"
     console = console or Console(stderr=True)
     out = Path(out)
-    check_results_dir(out)
+    claim(out, "--out")
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="mergesmith-demo-")) if temporary else Path(workdir)
-    check_workdir(work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("written by mergesmith demo\n")
+    claim(work, "--workdir")
     saved_threads = torch.get_num_threads()
     threads = threads or default_threads()
     torch.set_num_threads(threads)
@@ -78,8 +58,6 @@ def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: s
         results = run_suite(suite, work / suite, seeds=[seed], quick=quick, command=f"mergesmith demo --suite {suite}",
                             progress=lambda text: _step(console, text),
                             say=lambda text: console.print(f"  {text}", highlight=False, markup=False))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MARKER).write_text("written by mergesmith demo\n")
         files = write(results, out)
     finally:
         torch.set_num_threads(saved_threads)

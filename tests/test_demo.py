@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mergesmith.demo import MARKER, run_demo
+from mergesmith.demo import run_demo
 from mergesmith.errors import OutputError
-from mergesmith.quality import protocol
+from mergesmith.quality import MARKER, protocol
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -45,6 +45,6 @@ def test_the_demo_writes_its_charts_and_removes_its_models(demo):
 
 def test_the_demo_refuses_a_results_folder_it_did_not_write(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match="holds files the demo did not write"):
+    with pytest.raises(OutputError, match="holds files mergesmith did not write"):
         run_demo(suite="vision", out=tmp_path, quick=True, console=Console(file=io.StringIO()))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mergesmith.quality import SUITES, run_suite
+    from mergesmith.quality import SUITES, claim, run_suite
     from mergesmith.quality.report import summary_table, write
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mergesmith-quality-"))
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
-    command = "python benchmarks/quality/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    if args.workdir is not None:
+        claim(args.workdir, "--workdir")
+    command = "python benchmarks/quality/run.py" + "".join(f" {shlex.quote(a)}" for a in _result_options(argv))
     try:
         for suite in suites:
             results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
@@ -69,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _result_options(argv: list[str] | None) -> list[str]:
+    """The command line without the options that change where files go, not what is measured."""
+    given, kept, skip = list(sys.argv[1:] if argv is None else argv), [], False
+    for arg in given:
+        if skip:
+            skip = False
+        elif arg in ("--workdir", "--out", "--threads"):
+            skip = True
+        elif not arg.startswith(("--workdir=", "--out=", "--threads=", "--keep")):
+            kept.append(arg)
+    return kept
+
+
 @contextmanager
 def _progress(text: str):
     start = time.perf_counter()
@@ -78,4 +93,13 @@ def _progress(text: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mergesmith.errors import MergeError
+
+    try:
+        sys.exit(main())
+    except MergeError as error:  # a user's mistake (a foreign --workdir, a bad path): one line
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no results written for the suite that was running", file=sys.stderr)
+        sys.exit(130)

@@ -176,10 +176,10 @@ def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str
 @register("mats", base="optional", needs=_mats_needs, validate=_validate_mats, reports=True,
           reference="arXiv:2312.04339", tuning=fixed({
               # the diagonal solve is exact: the start only fills the entries no model's Fisher covers
-              "mats[fisher]": [*points(precision=["fisher"], init=["task_arithmetic"], **{"lambda": [0.2, 0.5, 1.0]}),
+              "mats[fisher]": [*points(precision=["fisher"], init=["task_arithmetic"], **{"lambda": [0.1, 0.3, 1.0]}),
                                *points(precision=["fisher"], init=["average", "base"])],
               "mats[gram]": [{"precision": "gram"}],  # an exact solve with nothing to set (RegMean at α = 1)
-              "mats[kfac]": points(precision=["kfac"], damping=[1e-3, 1e-2, 1e-1], **{"lambda": [0.3, 1.0]})}),
+              "mats[kfac]": points(precision=["kfac"], damping=[1e-3, 1e-2, 1e-1], **{"lambda": [0.1, 0.5]})}),
           params=[
     WEIGHT,
     Param("precision", str, "kfac", choices=("identity", "fisher", "gram", "kfac"), help="the precision C_i"),
@@ -252,8 +252,9 @@ def _mats_start(base: Tensor | None, tensors: Sequence[Tensor], average: Tensor,
 
 @register("gradient_matching", base="required", validate=nonzero_weight_sum, reference="arXiv:2310.12808",
           # with δ = 0 the α_t cancel (a Fisher-weighted mean of task vectors); a larger δ moves the merge towards
-          # task arithmetic with λ = α_t. The base's Fisher as prior needs a base that has a head to measure with.
-          tuning=lambda n: {"gradient_matching": points(prior=[0.0, 1e-3, 1e-1], weight=[1 / n, 2 / n])},
+          # task arithmetic with λ = α_t (1/T: the average; 1/(2T): half of it). The base's Fisher as prior needs
+          # a base that has a head to measure with.
+          tuning=lambda n: {"gradient_matching": points(prior=[0.0, 1e-2, 1.0], weight=[0.5 / n, 1 / n])},
           base_needs=lambda kwargs: ("fisher",) if kwargs["prior"] == "base" else (),
           needs=lambda kwargs: ("fisher", "fisher_count"), params=[
     WEIGHT,

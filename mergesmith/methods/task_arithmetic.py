@@ -132,7 +132,7 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
 @register("task_arithmetic", params=[WEIGHT, LAMBDA, Param("normalize", bool, False, help="divide by Σ w_i"),
                                      INT8_MASK],
           upcast_inputs=False, validate=nonzero_weight_sum, reference="arXiv:2212.04089",
-          tuning=fixed({"task_arithmetic": points(**{"lambda": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]})}))
+          tuning=fixed({"task_arithmetic": points(**{"lambda": [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]})}))
 def task_arithmetic(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], scale: float,
                     normalize: bool, int8_mask: bool) -> Tensor:
     """Task arithmetic: θ_0 + λ Σ_i w_i τ_i (divided by Σ_i w_i when ``normalize``)."""
@@ -154,9 +154,9 @@ def _magnitude_trim(density: Sequence[float], rescale: str) -> Sparsifier:
                           Param("normalize", bool, True, help="divide by the agreeing models' Σ w_i"),
                           _rescale_param("none"),
                           INT8_MASK], upcast_inputs=False, reference="arXiv:2306.01708",
-          # the disjoint mean (normalize) has one task vector's scale, so λ is searched around 1 (the paper: k =
-          # 20 % and λ from validation)
-          tuning=fixed({"ties": points(density=[0.2, 0.5], **{"lambda": [0.5, 1.0, 1.5]})}))
+          # the disjoint mean (normalize) has one task vector's scale, so λ is searched from 1 down (the paper: k =
+          # 20 % and λ from validation; interfering tasks are best served by less than one task vector)
+          tuning=fixed({"ties": points(density=[0.2, 0.5], **{"lambda": [0.3, 0.6, 1.0]})}))
 def ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
          scale: float, normalize: bool, rescale: bool | str, int8_mask: bool) -> Tensor:
     """TIES: trim τ_i to its top ⌊density·n⌋ magnitudes (at least one), elect per entry the sign of
@@ -183,7 +183,7 @@ DARE_PARAMS = [WEIGHT, DENSITY, LAMBDA, Param("normalize", bool, False, help="di
 
 @register("dare_linear", params=DARE_PARAMS, random=True, upcast_inputs=False, validate=nonzero_weight_sum,
           reference="arXiv:2311.03099",
-          tuning=fixed({"dare_linear": points(density=[0.3, 0.6], **{"lambda": [0.2, 0.4, 0.7]})}))
+          tuning=fixed({"dare_linear": points(density=[0.3, 0.6], **{"lambda": [0.1, 0.2, 0.4]})}))
 def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
                 generator: torch.Generator) -> Tensor:
@@ -195,7 +195,7 @@ def dare_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[flo
 
 
 @register("dare_ties", params=DARE_PARAMS, random=True, upcast_inputs=False, reference="arXiv:2311.03099",
-          tuning=fixed({"dare_ties": points(density=[0.3, 0.6], normalize=[True], **{"lambda": [0.5, 1.0, 1.5]})}))
+          tuning=fixed({"dare_ties": points(density=[0.3, 0.6], normalize=[True], **{"lambda": [0.3, 0.6, 1.0]})}))
 def dare_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
               scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
               generator: torch.Generator) -> Tensor:
@@ -222,7 +222,7 @@ def _crumbs(density: Sequence[float], gamma: Sequence[float], rescale: str) -> S
 
 @register("breadcrumbs", params=BREADCRUMB_PARAMS, upcast_inputs=False, validate=nonzero_weight_sum,
           reference="arXiv:2312.06795",
-          tuning=fixed({"breadcrumbs": points(density=[0.5, 0.9], **{"lambda": [0.2, 0.4, 0.7]})}))
+          tuning=fixed({"breadcrumbs": points(density=[0.5, 0.9], **{"lambda": [0.1, 0.2, 0.4]})}))
 def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
                 gamma: Sequence[float], scale: float, normalize: bool, rescale: bool | str,
                 int8_mask: bool) -> Tensor:
@@ -235,7 +235,7 @@ def breadcrumbs(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[flo
 
 @register("breadcrumbs_ties", params=BREADCRUMB_PARAMS, upcast_inputs=False, reference="arXiv:2312.06795",
           tuning=fixed({"breadcrumbs_ties": points(density=[0.5, 0.9], normalize=[True],
-                                                   **{"lambda": [0.5, 1.0, 1.5]})}))
+                                                   **{"lambda": [0.3, 0.6, 1.0]})}))
 def breadcrumbs_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float],
                      density: Sequence[float], gamma: Sequence[float], scale: float, normalize: bool,
                      rescale: bool | str, int8_mask: bool) -> Tensor:

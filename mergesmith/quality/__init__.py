@@ -19,6 +19,23 @@ from mergesmith.quality.protocol import Progress, _silent, run_seed, suite_tasks
 SUITES = ("vision", "text")  # vision first: it is over in minutes
 
 
+MARKER = ".mergesmith-quality"  # names a directory the benchmark or the demo wrote; only such ones are reused
+
+
+def claim(directory: Path, option: str) -> None:
+    """Make ``directory`` ours to write (and later to replace parts of): it must be new, empty, or one an
+    earlier run marked; anything else is refused rather than written into."""
+    from mergesmith.errors import OutputError
+
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{option} {directory} exists and is not a directory; name a new directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MARKER).is_file():
+        raise OutputError(f"{option} {directory} holds files mergesmith did not write; name a new or empty "
+                          f"directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).write_text("written by mergesmith's quality benchmark; safe to delete\n")
+
+
 def suite_module(name: str) -> ModuleType:
     """A bundled suite by name, or any importable module that provides a suite's names (for new suites)."""
     return importlib.import_module(f"mergesmith.quality.{name}" if name in SUITES else name)
@@ -48,7 +65,7 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
 
     suite = suite_module(name)
     started = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
+    claim(work, "--workdir")
     transformers.logging.set_verbosity_error()  # "newly initialised head" is expected: every task gets one
     transformers.logging.disable_progress_bar()
     torch.manual_seed(0)

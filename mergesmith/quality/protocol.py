@@ -226,6 +226,7 @@ class SeedResult:
 
     test: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> task -> accuracy
     val: dict[str, float] = field(default_factory=dict)  # merge row -> best mean normalised validation accuracy
+    val_grid: dict[str, list[float]] = field(default_factory=dict)  # merge row -> every grid point's, in order
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
     merge_seconds: dict[str, float] = field(default_factory=dict)  # merge row -> mean over its grid points
     measure_seconds: float = 0.0
@@ -345,6 +346,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             for i in range(len(row.grid)):
                 _fresh(work / f"merged-{i}")
         result.val[row.label], result.chosen[row.label] = scores[best], row.grid[best]
+        result.val_grid[row.label] = scores
         result.merge_seconds[row.label] = sum(seconds) / len(seconds)
         say(f"seed {seed}: {row.label:<18} {_mean(result.test[row.label]):6.1%} test accuracy "
             f"(validation {scores[best]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge)")

@@ -179,11 +179,13 @@ def charts(results: dict[str, Any], directory: Path) -> list[Path]:
     plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(6.0, 4.2), dpi=110)
-    for r in rows:
+    for rank, r in enumerate(rows):
         seconds = mean([s["merge_seconds"][r] for s in results["per_seed"]])
         axes.errorbar(seconds, stats[r]["normalised"], yerr=stats[r]["normalised_spread"], fmt="o",
                       color="tab:orange" if r in aware else "tab:blue", capsize=2)
-        axes.annotate(r, (seconds, stats[r]["normalised"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # neighbours in quality get labels at alternating heights, so that close points stay readable
+        axes.annotate(r, (seconds, stats[r]["normalised"]), fontsize=6.5, xytext=(4, (rank % 3 - 1) * 7),
+                      textcoords="offset points", va="center")
     axes.axhline(stats["multitask"]["normalised"], color="black", linestyle="--", linewidth=1, label="multitask")
     axes.set_xscale("log")
     axes.set_xlabel("merge time per merge (s, log scale; statistics measured once, not included)")
