@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mergesmith.quality import claim
+from mergesmith.quality import check_claimable, claim
 
 
 def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: str | Path = "mergesmith-demo",
@@ -41,6 +41,9 @@ def run_demo(*, suite: str = "vision", workdir: str | Path | None = None, out: s
     os.environ["HF_HUB_OFFLINE"] = "1"
     console = console or Console(stderr=True)
     out = Path(out)
+    check_claimable(out, "--out")
+    if workdir is not None:
+        check_claimable(Path(workdir), "--workdir")
     claim(out, "--out")
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="mergesmith-demo-")) if temporary else Path(workdir)

@@ -22,9 +22,9 @@ SUITES = ("vision", "text")  # vision first: it is over in minutes
 MARKER = ".mergesmith-quality"  # names a directory the benchmark or the demo wrote; only such ones are reused
 
 
-def claim(directory: Path, option: str) -> None:
-    """Make ``directory`` ours to write (and later to replace parts of): it must be new, empty, or one an
-    earlier run marked; anything else is refused rather than written into."""
+def check_claimable(directory: Path, option: str) -> None:
+    """``directory`` may become ours: it is new, empty, or one an earlier run marked; anything else is refused
+    rather than written into."""
     from mergesmith.errors import OutputError
 
     if directory.exists() and not directory.is_dir():
@@ -32,6 +32,11 @@ def claim(directory: Path, option: str) -> None:
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MARKER).is_file():
         raise OutputError(f"{option} {directory} holds files mergesmith did not write; name a new or empty "
                           f"directory")
+
+
+def claim(directory: Path, option: str) -> None:
+    """Make ``directory`` ours to write (and later to replace parts of), after ``check_claimable``."""
+    check_claimable(directory, option)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MARKER).write_text("written by mergesmith's quality benchmark; safe to delete\n")
 

@@ -11,7 +11,7 @@ import torch
 
 NAME = "text"
 MAX_LENGTH = 32  # tokens: the texts are short, and a CPU step at 64 tokens costs twice as much
-FINE_TUNE = {"steps": 120, "lr": 2e-4, "batch_size": 16, "weight_decay": 0.0}
+FINE_TUNE = {"steps": 120, "lr": 1e-4, "batch_size": 16, "weight_decay": 0.0}
 QUICK_FINE_TUNE = {"steps": 25, "lr": 1e-4, "batch_size": 16, "weight_decay": 0.0}
 MEASURE = {"task": "seq-cls", "batch_size": 16, "max_length": MAX_LENGTH, "examples": 128}
 QUICK_MEASURE = {**MEASURE, "examples": 32}
