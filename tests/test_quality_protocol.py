@@ -99,7 +99,8 @@ def _results(scores: dict[str, list[dict[str, float]]], tasks=("a", "b")) -> dic
                  "chosen": {row: {} for row in scores}} for s in range(seeds)]
     rows = [{"label": row, "method": row, "grid": [{}], "data_aware": row in ("regmean", "fisher")}
             for row in scores if row not in report.REFERENCES]
-    return {"suite": "t", "quick": False, "tasks": list(tasks), "per_seed": per_seed, "rows": rows,
+    return {"suite": "t", "quick": False, "seeds": list(range(seeds)), "tasks": list(tasks), "per_seed": per_seed,
+            "rows": rows,
             "classes": {t: 2 for t in tasks}, "model": "m", "command": "c", "machine": "x", "wall_seconds": 1.0,
             "seconds": {"fine_tune": 0, "multitask": 0, "measure": 0, "merge_and_score": 0}}
 

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for suite in suites:
             results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
-                                progress=_progress, say=lambda text: print(text, flush=True))
+                                progress=_progress, say=lambda text: print(text, flush=True),
+                                on_seed=lambda partial: write(partial, out))  # a later failure keeps these
             for path in write(results, out):
                 print(f"wrote {path}", flush=True)
     finally:

@@ -63,8 +63,10 @@ def machine() -> str:
 
 def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
               command: str = "", progress: Progress = lambda text: _silent(),
-              say: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """Run one suite for ``seeds`` in ``work`` and return its results (the JSON the report is built from)."""
+              say: Callable[[str], None] = lambda text: None,
+              on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one suite for ``seeds`` in ``work`` and return its results (the JSON the report is built from);
+    ``on_seed`` hears the results so far after every seed."""
     import torch
     import transformers
 
@@ -94,12 +96,21 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
         result = run_seed(suite, base, work / f"seed-{seed}", seed, quick=quick, rows=rows, progress=progress,
                           say=say)
         per_seed.append(asdict(result))
+        if on_seed is not None:  # what is done so far, so that a run stopped later keeps it
+            on_seed(_results(name, suite, quick, list(seeds)[:len(per_seed)], tasks, classes, sources, command,
+                             time.perf_counter() - started, rows, per_seed, planned=list(seeds)))
     assert rows is not None
+    return _results(name, suite, quick, list(seeds), tasks, classes, sources, command,
+                    time.perf_counter() - started, rows, per_seed, planned=list(seeds))
+
+
+def _results(name: str, suite: ModuleType, quick: bool, seeds: list[int], tasks: list[str], classes: dict,
+             sources: dict, command: str, wall: float, rows: list, per_seed: list[dict], *,
+             planned: list[int]) -> dict[str, Any]:
     total = {key: sum(s[f"{key}_seconds"] for s in per_seed) for key in ("fine_tune", "multitask", "measure")}
-    wall = time.perf_counter() - started
-    return {"suite": name, "quick": quick, "seeds": list(seeds), "tasks": tasks, "classes": classes,
+    return {"suite": name, "quick": quick, "seeds": seeds, "tasks": tasks, "classes": classes,
             "model": suite.SOURCE, "sources": {"model": suite.SOURCE, **sources}, "command": command,
-            "machine": machine(), "wall_seconds": wall,
+            "machine": machine(), "wall_seconds": wall, "planned_seeds": planned,
             "seconds": {**total, "merge_and_score": wall - sum(total.values())},
             "settings": {"fine_tune": suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE,
                          "measure": getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE},

@@ -41,6 +41,12 @@ def row_stats(results: dict[str, Any], row: str) -> dict[str, Any]:
             "normalised_spread": spread(normalised), "per_task": per_task}
 
 
+def min_gain(results: dict[str, Any]) -> float:
+    """The smallest fine-tune gain over the start on its own task, in test accuracy points."""
+    return min(100 * (s["test"]["individual"][t] - s["test"]["start"][t]) for s in results["per_seed"]
+               for t in results["tasks"])
+
+
 def merge_rows(results: dict[str, Any]) -> list[str]:
     return [row["label"] for row in results["rows"]]
 
@@ -83,7 +89,9 @@ def markdown(results: dict[str, Any]) -> str:
     seeds = len(results["per_seed"])
     info = {row["label"]: row for row in results["rows"]}
     merge_seconds = {r: mean([s["merge_seconds"][r] for s in results["per_seed"]]) for r in rows}
-    out = [f"# Quality benchmark: {results['suite']} suite{' (quick)' if results['quick'] else ''}", "",
+    planned = results.get("planned_seeds", results["seeds"])
+    partial = f" (partial: {seeds} of {len(planned)} seeds)" if seeds < len(planned) else ""
+    out = [f"# Quality benchmark: {results['suite']} suite{' (quick)' if results['quick'] else ''}{partial}", "",
            f"{results['model']}; {len(tasks)} tasks, {seeds} seed{'s' * (seeds > 1)} "
            f"(seed = data split and fine-tuning seed); test accuracy, mean ± sample standard deviation over seeds. "
            f"Normalised = accuracy ÷ the task's own fine-tune's accuracy, averaged over tasks. Each merge's "
@@ -98,7 +106,12 @@ def markdown(results: dict[str, Any]) -> str:
         seconds = f"{merge_seconds[row]:.1f}" if row in merge_seconds else ""
         out.append(f"| {row} | {kind} | {grid} | {s['normalised']:.1f} ± {s['normalised_spread']:.1f} | "
                    f"{s['absolute']:.1f} ± {s['absolute_spread']:.1f} | {seconds} |")
-    out += ["", "## Reading", "", *[f"- {line}" for line in reading(results)], "",
+    no_gain = [f"{t} (seed {results['seeds'][i]})" for i, s in enumerate(results["per_seed"])
+               for t in s.get("no_gain", [])]
+    gains = ([f"Every fine-tune beat the start on its own task (smallest gain "
+              f"{min_gain(results):.1f} points)."] if not no_gain else
+             [f"Fine-tunes that did not beat the start on their own task: {', '.join(no_gain)}."])
+    out += ["", "## Reading", "", *[f"- {line}" for line in gains + reading(results)], "",
             "## Per task (normalised %, mean over seeds)", "",
             "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for row in order:
