@@ -272,8 +272,9 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
         result.test["start"] = {t.name: accuracy(start, heads[t.name], suite, t.test) for t in tasks}
     del start
 
-    # a fine-tune is reused only if it was trained with the same head as now
+    # a fine-tune is reused only if it was trained on the same examples with the same head as now
     settings["heads"] = {name: _head_digest(head) for name, head in heads.items()}
+    settings["data"] = {t.name: _digest(json.dumps(t.train, sort_keys=True).encode()) for t in tasks}
     finetunes: dict[str, Path] = {}
     own_val: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -366,10 +367,14 @@ def no_gains(start: dict[str, float], individual: dict[str, float]) -> list[str]
     return [task for task, own in individual.items() if own <= start[task]]
 
 
-def _head_digest(head: Head) -> str:
+def _digest(data: bytes) -> str:
     import hashlib
 
-    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in (head.weight, head.bias))).hexdigest()[:16]
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _head_digest(head: Head) -> str:
+    return _digest(b"".join(t.numpy().tobytes() for t in (head.weight, head.bias)))
 
 
 def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
