@@ -9,12 +9,13 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mergesmith.quality.protocol import Progress, _silent, run_seed, suite_tasks, variants
+from mergesmith.quality.protocol import Progress, run_seed, suite_tasks, variants
 
 SUITES = ("vision", "text")  # vision first: it is over in minutes
 
@@ -62,7 +63,7 @@ def machine() -> str:
 
 
 def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
-              command: str = "", progress: Progress = lambda text: _silent(),
+              command: str = "", progress: Progress = lambda text: nullcontext(),
               say: Callable[[str], None] = lambda text: None,
               on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one suite for ``seeds`` in ``work`` and return its results (the JSON the report is built from);

@@ -25,7 +25,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mergesmith
+from mergesmith.io.card import copy_tokenizer
 from mergesmith.methods.registry import TUNING_POINTS, get_method, method_names
 from mergesmith.quality.tasks import Task
 
@@ -81,11 +82,6 @@ def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
 def suite_tasks(suite: ModuleType, seed: int, *, quick: bool) -> list[Task]:
     tasks = suite.make_tasks(seed, quick=quick)
     return tasks[:QUICK_TASKS] if quick else tasks
-
-
-@contextmanager
-def _silent() -> Iterator[None]:
-    yield
 
 
 # ---- models -----------------------------------------------------------------------------------------------
@@ -202,8 +198,8 @@ def train_body(model: nn.Module, suite: ModuleType, tasks: list[Task], heads: di
 
 
 def save_with_head(model: nn.Module, task: Task, head: Head, base: Path, out: Path) -> None:
-    """Save ``model`` as a classifier for ``task`` (its label space and head) with the base's other files
-    (tokenizer, preprocessing), as a user's fine-tune would be."""
+    """Save ``model`` as a classifier for ``task`` (its label space and head) with the base's tokenizer, as a
+    user's fine-tune would be."""
     model.config.num_labels = task.num_labels
     model.config.id2label = dict(enumerate(task.labels))
     model.config.label2id = {label: i for i, label in enumerate(task.labels)}
@@ -212,10 +208,7 @@ def save_with_head(model: nn.Module, task: Task, head: Head, base: Path, out: Pa
         model.classifier.weight.copy_(head.weight)
         model.classifier.bias.copy_(head.bias)
     model.save_pretrained(out)
-    for file in base.iterdir():
-        if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name != "config.json" \
-                and not (out / file.name).exists():
-            shutil.copyfile(file, out / file.name)
+    copy_tokenizer(base, out)
 
 
 # ---- one seed ---------------------------------------------------------------------------------------------
@@ -252,7 +245,7 @@ def _fresh(directory: Path) -> None:
 
 
 def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: bool, rows: list[Variant],
-             progress: Progress = lambda text: _silent(), say: Callable[[str], None] = lambda text: None
+             progress: Progress = lambda text: nullcontext(), say: Callable[[str], None] = lambda text: None
              ) -> SeedResult:
     """The protocol for one seed in ``work`` (fine-tunes and sidecars are reused when their settings match)."""
     result = SeedResult()
