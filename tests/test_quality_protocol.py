@@ -141,3 +141,25 @@ def test_the_markdown_and_charts_are_written(tmp_path):
     assert all(f.stat().st_size > 0 for f in files)
     text = (tmp_path / "t.md").read_text()
     assert f"| regmean | data-aware | 1 | {100 * (0.8 / 0.9 + 0.7 / 0.8) / 2:.1f} ± 0.0 |" in text
+
+
+def test_a_random_head_is_centred_on_the_start_and_has_the_set_spread():
+    torch.manual_seed(0)
+    x = torch.randn(300, 7) * 3 + 5
+    head = protocol.random_head(x, 4, torch.Generator().manual_seed(1))
+    logits = x.double() @ head.weight.double().T + head.bias.double()
+    assert logits.mean(0).abs().max() < 1e-4  # every class's logit averages zero over the start's features
+    assert abs(float(logits.std()) - protocol.RANDOM_HEAD_SPREAD) < 1e-4
+    directions = head.weight.double() / head.weight.double().norm(dim=1, keepdim=True)
+    assert torch.allclose(head.weight.double().norm(dim=1), head.weight.double().norm(dim=1)[:1].expand(4))
+    assert directions.shape == (4, 7)
+    again = protocol.random_head(x, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(again.weight, head.weight)  # seeded: a kept fine-tune's head can be recreated
+
+
+def test_a_suite_chooses_its_heads():
+    import types
+
+    bad = types.SimpleNamespace(NAME="toy", HEADS="zero-shot")
+    with pytest.raises(ValueError, match="HEADS is 'zero-shot'"):
+        protocol.make_heads(bad, None, [], 0)

@@ -113,7 +113,8 @@ def _results(name: str, suite: ModuleType, quick: bool, seeds: list[int], tasks:
             "model": suite.SOURCE, "sources": {"model": suite.SOURCE, **sources}, "command": command,
             "machine": machine(), "wall_seconds": wall, "planned_seeds": planned,
             "seconds": {**total, "merge_and_score": wall - sum(total.values())},
-            "settings": {"fine_tune": suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE,
+            "settings": {"heads": getattr(suite, "HEADS", "probe"),
+                         "fine_tune": suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE,
                          "measure": getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE},
             "rows": [{"label": r.label, "method": r.method, "grid": r.grid, "data_aware": r.data_aware} for r in rows],
             "per_seed": per_seed}

@@ -5,8 +5,9 @@ A suite (``mergesmith.quality.text``, ``mergesmith.quality.vision``) supplies a 
 train/validation/test splits and the model inputs of a batch. Per seed (= the data split and the
 fine-tuning seed):
 
-1. every task's head is a linear probe of the frozen start's features (the input of ``model.classifier``);
-2. every fine-tune trains the body for a fixed number of AdamW steps with that head frozen (LP-FT, so the
+1. every task's head is a linear probe of the frozen start's features (the input of ``model.classifier``),
+   or, where the suite says ``HEADS = "random"``, a fixed random head on them;
+2. every fine-tune trains the body for a fixed number of AdamW steps with that head frozen (so the
    start, the fine-tunes and every merge are scored with the same heads), and is saved as a Hugging Face
    directory; the multitask reference trains one body on all tasks in turn, with the same total steps;
 3. each fine-tune's statistics (Fisher, Gram, K-FAC) are measured once, with ``measure_checkpoint``, on its
@@ -146,6 +147,37 @@ def linear_probe(x: Tensor, labels: Tensor, classes: int, *, steps: int = 100,
     return Head(weight.detach().float(), bias.detach().float())
 
 
+RANDOM_HEAD_SPREAD = 2.0  # the standard deviation of a random head's logits on the start's features
+
+
+def random_head(x: Tensor, classes: int, generator: torch.Generator) -> Head:
+    """A fixed random head (Hoffer et al., "Fix your classifier", 2018): unit-norm Gaussian directions,
+    centred on the start's mean feature and scaled so that the start's logits have a standard deviation of
+    ``RANDOM_HEAD_SPREAD``. The start is then at chance, and a fine-tune has to put all of its task into the
+    body, as a CLIP fine-tune must put into it whatever its zero-shot head does not already know."""
+    x = x.double()
+    directions = torch.randn(classes, x.shape[1], generator=generator, dtype=torch.float64)
+    directions /= directions.norm(dim=1, keepdim=True)
+    mean = x.mean(0)
+    weight = directions * (RANDOM_HEAD_SPREAD / ((x - mean) @ directions.T).std())
+    return Head(weight.float(), (-(weight @ mean)).float())
+
+
+def make_heads(suite: ModuleType, start: nn.Module, tasks: list[Task], seed: int) -> dict[str, Head]:
+    """Every task's frozen head, as the suite asks: a linear probe of the start (``HEADS = "probe"``, the
+    default) or a fixed random head (``HEADS = "random"``, for a start whose features already carry the tasks)."""
+    kind = getattr(suite, "HEADS", "probe")
+    if kind not in ("probe", "random"):
+        raise ValueError(f"suite {suite.NAME}: HEADS is {kind!r}; use 'probe' or 'random'")
+    generator = torch.Generator().manual_seed(seed)
+    heads = {}
+    for task in tasks:
+        x = features(start, suite, task.train)
+        heads[task.name] = (linear_probe(x, labels_of(task.train), task.num_labels) if kind == "probe"
+                            else random_head(x, task.num_labels, generator))
+    return heads
+
+
 def labels_of(examples: list[dict[str, Any]]) -> Tensor:
     return torch.tensor([e["label"] for e in examples])
 
@@ -257,11 +289,9 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                 "stats_examples": stats_examples, "suite": suite.NAME}
 
     start = load(base)
-    with progress(f"seed {seed}: linear probes of the start on {len(tasks)} tasks"):
-        heads = {}
-        for task in tasks:
-            x = features(start, suite, task.train)
-            heads[task.name] = linear_probe(x, labels_of(task.train), task.num_labels)
+    kind = "linear probes" if getattr(suite, "HEADS", "probe") == "probe" else "random heads"
+    with progress(f"seed {seed}: {kind} on the start's features for {len(tasks)} tasks"):
+        heads = make_heads(suite, start, tasks, seed)
         result.test["start"] = {t.name: accuracy(start, heads[t.name], suite, t.test) for t in tasks}
     del start
 

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 REFERENCES = ("start", "individual", "multitask")
+HEAD_WORDS = {"probe": "Every task's head is a linear probe of the start, frozen while fine-tuning.",
+              "random": "Every task's head is a fixed random head, frozen while fine-tuning (the start is at "
+                        "chance)."}
 # FusionBench, CLIP ViT-B/32 on eight vision tasks, absolute accuracy (the reading of the literature):
 # average 66.5 < task arithmetic 68.0 < Fisher 70.6 < TIES 72.2 < RegMean 82.4 < multitask 88.6 < individual 90.3
 LITERATURE = (("linear", 66.5), ("task_arithmetic", 68.0), ("fisher", 70.6), ("ties", 72.2), ("regmean", 82.4),
@@ -95,7 +98,8 @@ def markdown(results: dict[str, Any]) -> str:
            f"{results['model']}; {len(tasks)} tasks, {seeds} seed{'s' * (seeds > 1)} "
            f"(seed = data split and fine-tuning seed); test accuracy, mean ± sample standard deviation over seeds. "
            f"Normalised = accuracy ÷ the task's own fine-tune's accuracy, averaged over tasks. Each merge's "
-           f"hyper-parameters are the grid point with the best normalised validation accuracy.", "",
+           f"hyper-parameters are the grid point with the best normalised validation accuracy. "
+           f"{HEAD_WORDS[results.get('settings', {}).get('heads', 'probe')]}", "",
            f"Reproduce: `{results['command']}` ({results['wall_seconds'] / 60:.1f} min on {results['machine']}).", "",
            "| model | kind | grid | normalised % | absolute % | merge s |", "|---|---|---:|---:|---:|---:|"]
     order = [*REFERENCES, *sorted(rows, key=lambda r: -row_stats(results, r)["normalised"])]
