@@ -339,10 +339,15 @@ RANGES = {
     "prior": (float, 0.0, INF, False, True),
     "tol": (float, 0.0, 1.0, True, True),
     "max_iters": (int, 1, INF, False, True),
+    "common_space_fraction": (float, 0.0, 1.0, False, False),
+    "iterations": (int, 1, 100_000, False, False),
+    "lr": (float, 0.0, 1.0, True, False),
 }
 # where a method's parameter has its own range: the curvature methods' weights weigh precision matrices
 CURVATURE_WEIGHT = (float, 0.0, INF, False, True)
 METHOD_RANGES = {(m, "weight"): CURVATURE_WEIGHT for m in ("fisher", "regmean", "mats", "gradient_matching")}
+# the subspace methods' alpha is the scale of the merged task vector, not RegMean's off-diagonal share
+METHOD_RANGES |= {(m, "alpha"): (float, -INF, INF, True, True) for m in ("tsv", "iso_c", "iso_cts", "wudi")}
 
 
 def documented_range(method: str, name: str) -> tuple:

@@ -1,0 +1,177 @@
+"""Subspace merges: TSV, Iso-C, Iso-CTS and WUDI, data-free methods that act on each 2-D weight's singular
+vectors (or, for WUDI, its row space) rather than on its entries.
+
+Notation: base θ_0, T inputs θ_i, task vectors Δ_i = θ_i − θ_0, a matrix's rank bound r = min(out, in), the
+recipe's scale α (``alpha``). Every method returns θ_0 + α·Δ with Δ from the method's formula for a 2-D
+tensor, and Δ = (1/T) Σ_i Δ_i for any other (biases, norms, convolution kernels), as the reference
+implementations do. SVDs run in the compute dtype (float32 unless the recipe says float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mergesmith.methods.registry import Param, fixed, points, register
+
+ALPHA = Param("alpha", float, 1.0, interval=(-float("inf"), float("inf")),
+              help="scale α of the merged task vector (θ_0 + α·Δ)")
+# every row is tuned over the same scales: the interfering suites want far less than one summed task vector
+# (task arithmetic's best λ on vision was 0.05–0.1 over six models), the papers use α = 1 (TSV, WUDI) to 1.5
+ALPHA_GRID = [0.1, 0.2, 0.4, 0.7, 1.0, 1.5]
+
+
+def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """Δ stacked: (T, *shape), Δ_i = θ_i − θ_0, in the base's dtype."""
+    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for i, tensor in enumerate(tensors):
+        deltas[i].copy_(tensor).sub_(base)
+    return deltas
+
+
+def polar(x: Tensor) -> Tensor:
+    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ: the nearest matrix with orthonormal columns (or rows,
+    for a wide x) in Frobenius norm. Of a rank-deficient x (the same direction kept by two tasks), the partial
+    isometry on x's range: the singular vectors of zero singular values are arbitrary, so they are left out."""
+    p, sigma, qt = torch.linalg.svd(x, full_matrices=False)
+    keep = sigma > sigma[:1] * max(x.shape) * torch.finfo(x.dtype).eps
+    if bool(keep.all()):
+        return p @ qt
+    return p[:, keep] @ qt[keep]
+
+
+def tsv_delta(deltas: Tensor) -> Tensor:
+    """TSV-M (Gargiulo et al., arXiv:2412.00081) for stacked task matrices (T, out, in): keep each Δ_i's top
+    k = ⌊r/T⌋ singular triplets (at least one), concatenate the U's and the V's, replace each concatenation
+    by its polar factor and recombine: Δ = U_⊥ diag(S_cat) V_⊥ᵀ."""
+    t, rows, cols = deltas.shape
+    k = max(1, min(rows, cols) // t)
+    u, s, vt = torch.linalg.svd(deltas, full_matrices=False)
+    u_cat = u[:, :, :k].transpose(0, 1).reshape(rows, t * k)
+    v_cat = vt[:, :k, :].reshape(t * k, cols)
+    return (polar(u_cat) * s[:, :k].reshape(1, -1)) @ polar(v_cat)
+
+
+def iso_c_delta(deltas: Tensor) -> Tensor:
+    """Iso-C (Marczak et al., arXiv:2502.04959): Σ_i Δ_i = U S Vᵀ with its spectrum flattened to the mean
+    singular value: Δ = mean(S) · U Vᵀ."""
+    u, s, vt = torch.linalg.svd(deltas.sum(0), full_matrices=False)
+    return s.mean() * (u @ vt)
+
+
+def iso_cts_split(r: int, t: int, common_space_fraction: float) -> tuple[int, int]:
+    """(k_common, k_per_task) with k_common + T·k_per_task = r: the common space is ⌊r·fraction⌋ rounded so
+    that the rest divides evenly among the T tasks (the reference code's rule), never more than r."""
+    per_task = min(round((r - int(r * common_space_fraction)) / t), r // t)
+    return r - t * per_task, per_task
+
+
+def iso_cts_delta(deltas: Tensor, common_space_fraction: float) -> Tensor:
+    """Iso-CTS (Marczak et al.): the top k_common left and right singular vectors of Σ_i Δ_i, plus each task's
+    top k_per_task singular triplets of Δ_i with the common left subspace projected out (Δ_i − U_c U_cᵀ Δ_i);
+    both sets of vectors orthogonalised together by polar factors, with an isotropic spectrum (the mean of the
+    kept singular values): Δ = mean(S_kept) · U_⊥ V_⊥ᵀ. With no task-specific room (k_per_task = 0) it is Iso-C."""
+    t, rows, cols = deltas.shape
+    k_common, per_task = iso_cts_split(min(rows, cols), t, common_space_fraction)
+    if per_task == 0:
+        return iso_c_delta(deltas)
+    u, s, vt = torch.linalg.svd(deltas.sum(0), full_matrices=False)
+    u_c, s_c, vt_c = u[:, :k_common], s[:k_common], vt[:k_common]
+    specific = deltas - u_c @ (u_c.T @ deltas)
+    u_t, s_t, vt_t = torch.linalg.svd(specific, full_matrices=False)
+    u_all = torch.cat([u_t[:, :, :per_task].transpose(0, 1).reshape(rows, t * per_task), u_c], dim=1)
+    v_all = torch.cat([vt_t[:, :per_task, :].reshape(t * per_task, cols), vt_c], dim=0)
+    spectrum = torch.cat([s_t[:, :per_task].reshape(-1), s_c])
+    return spectrum.mean() * (polar(u_all) @ polar(v_all))
+
+
+def wudi_system(deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """WUDI's objective Σ_i ‖(τ − Δ_i) Δ_iᵀ‖²_F / ‖Δ_i‖²_F is RegMean's with Grams G_i = Δ_iᵀΔ_i / ‖Δ_i‖²_F:
+    returns (Σ_i G_i, Σ_i Δ_i G_i), so that its gradient is 2 (τ Σ G_i − Σ Δ_i G_i). Zero task vectors, which
+    the objective divides by, take no part."""
+    norms = deltas.flatten(1).pow(2).sum(1)
+    live = deltas[norms > 0]
+    grams = live.transpose(1, 2) @ live / norms[norms > 0].reshape(-1, 1, 1)
+    return grams.sum(0), (live @ grams).sum(0)
+
+
+def wudi_exact(deltas: Tensor) -> Tensor:
+    """The minimiser of WUDI's objective: τ Σ G_i = Σ Δ_i G_i, solved in float64 by Cholesky; where Σ G_i is
+    singular (fewer task-vector rows than inputs), the minimum-norm solution by its eigendecomposition,
+    which is also where gradient descent from τ = Σ Δ_i stays (every Δ_i's rows lie in Σ G_i's range)."""
+    if not bool((deltas != 0).any()):
+        return torch.zeros_like(deltas[0])
+    gram_sum, rhs = (m.double() for m in wudi_system(deltas))
+    factor, info = torch.linalg.cholesky_ex(gram_sum)
+    if int(info) == 0:
+        tau_t = torch.cholesky_solve(rhs.T, factor)
+    else:
+        values, vectors = torch.linalg.eigh(gram_sum)
+        keep = values > values.max() * gram_sum.shape[0] * torch.finfo(torch.float64).eps
+        inverse = torch.where(keep, 1 / torch.where(keep, values, 1.0), 0.0)
+        tau_t = vectors @ (inverse[:, None] * (vectors.T @ rhs.T))
+    return tau_t.T.to(deltas.dtype)
+
+
+def wudi_adam(deltas: Tensor, *, iterations: int, lr: float) -> Tensor:
+    """The paper's solve: Adam (lr ``lr``, no weight decay) on WUDI's objective from τ = Σ_i Δ_i for
+    ``iterations`` steps, an early-stopped descent. The gradient is formed in closed form from
+    ``wudi_system`` — the same gradient autograd gives, one (out, in)·(in, in) product per step instead of T."""
+    gram_sum, rhs = wudi_system(deltas)
+    with torch.inference_mode(False):  # the engine merges under inference mode; Adam keeps its own state
+        tau = deltas.sum(0).clone()
+        gram_sum, rhs = gram_sum.clone(), rhs.clone()
+        optimizer = torch.optim.Adam([tau], lr=lr, weight_decay=0.0)
+        for _ in range(iterations):
+            tau.grad = 2 * (tau @ gram_sum - rhs)
+            optimizer.step()
+        return tau.detach()
+
+
+def _merge(base: Tensor, tensors: Sequence[Tensor], alpha: float, matrix_delta) -> Tensor:
+    deltas = task_vectors(base, tensors)
+    delta = matrix_delta(deltas) if base.dim() == 2 else deltas.mean(0)
+    return base + alpha * delta
+
+
+@register("tsv", params=[ALPHA], reference="arXiv:2412.00081",
+          tuning=fixed({"tsv": points(alpha=ALPHA_GRID)}))
+def tsv(base: Tensor, tensors: Sequence[Tensor], *, alpha: float) -> Tensor:
+    """Task Singular Vectors (TSV-M): each 2-D Δ_i's top ⌊r/T⌋ singular triplets, their U's and V's
+    orthogonalised by polar factors, θ_0 + α U_⊥ diag(S) V_⊥ᵀ (``tsv_delta``); other tensors θ_0 + α·mean Δ_i."""
+    return _merge(base, tensors, alpha, tsv_delta)
+
+
+@register("iso_c", params=[ALPHA], reference="arXiv:2502.04959",
+          tuning=fixed({"iso_c": points(alpha=ALPHA_GRID)}))
+def iso_c(base: Tensor, tensors: Sequence[Tensor], *, alpha: float) -> Tensor:
+    """Iso-C: θ_0 + α·mean(S)·U Vᵀ with U S Vᵀ = Σ_i Δ_i for each 2-D tensor (a flat spectrum); other tensors
+    θ_0 + α·mean Δ_i."""
+    return _merge(base, tensors, alpha, iso_c_delta)
+
+
+@register("iso_cts", params=[ALPHA, Param("common_space_fraction", float, 0.8, interval=(0.0, 1.0),
+                                          help="share of the rank bound given to Σ Δ_i's common subspace")],
+          reference="arXiv:2502.04959", tuning=fixed({"iso_cts": points(alpha=ALPHA_GRID)}))
+def iso_cts(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, common_space_fraction: float) -> Tensor:
+    """Iso-CTS: Σ_i Δ_i's top singular vectors (the common subspace) plus each Δ_i's own top directions off
+    it, orthogonalised, with a flat spectrum (``iso_cts_delta``); θ_0 + α·that; other tensors θ_0 + α·mean Δ_i."""
+    return _merge(base, tensors, alpha, lambda d: iso_cts_delta(d, common_space_fraction))
+
+
+@register("wudi", params=[
+    ALPHA,
+    Param("solver", str, "exact", choices=("exact", "adam"),
+          help="exact: the objective's minimiser; adam: the paper's early-stopped Adam descent"),
+    Param("iterations", int, 300, interval=(1, 100_000), help="Adam steps (solver: adam)"),
+    Param("lr", float, 1e-5, interval=(0.0, 1.0), open_low=True, help="Adam learning rate (solver: adam)"),
+], reference="arXiv:2503.08099",
+    tuning=fixed({f"wudi[{solver}]": points(solver=[solver], alpha=ALPHA_GRID) for solver in ("exact", "adam")}))
+def wudi(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, solver: str, iterations: int,
+         lr: float) -> Tensor:
+    """WUDI: for each 2-D tensor, τ minimising Σ_i ‖(τ − Δ_i) Δ_iᵀ‖²_F / ‖Δ_i‖²_F, exactly or by the paper's
+    Adam descent from Σ_i Δ_i; θ_0 + α τ; other tensors θ_0 + α·mean Δ_i."""
+    solve = wudi_exact if solver == "exact" else lambda d: wudi_adam(d, iterations=iterations, lr=lr)
+    return _merge(base, tensors, alpha, solve)
