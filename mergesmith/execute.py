@@ -54,8 +54,13 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
     per_input = [{k: v.to(device=device, dtype=compute_dtype) if isinstance(v, torch.Tensor) else v
                   for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
     base_stats, model_stats = (per_input[0], per_input[1:]) if job.base is not None else ({}, per_input)
-    result = job.method.call(base, others, job.kwargs, generator=generator, stats=model_stats,
-                             base_stats=base_stats, name=job.name, report=report)
+    try:
+        result = job.method.call(base, others, job.kwargs, generator=generator, stats=model_stats,
+                                 base_stats=base_stats, name=job.name, report=report)
+    except MergeError as e:  # a method's complaint about this tensor's values: say which tensor
+        if f"'{job.name}'" in str(e):
+            raise
+        raise type(e)(f"'{job.name}': {e}") from None
     if check_result and not all_finite(result):
         raise MergeError(f"merging '{job.name}' produced NaN or infinite values; check the inputs and "
                          f"parameters for this tensor")

@@ -342,12 +342,21 @@ RANGES = {
     "common_space_fraction": (float, 0.0, 1.0, False, False),
     "iterations": (int, 1, 100_000, False, False),
     "lr": (float, 0.0, 1.0, True, False),
+    "epsilon": (float, 0.0, 1.0, False, False),
+    "select_topk": (float, 0.0, 1.0, False, False),
+    "r": (float, 0.0, INF, False, True),
+    "eps": (float, 0.0, INF, True, True),
+    "max_iter": (int, 0, INF, False, True),
 }
 # where a method's parameter has its own range: the curvature methods' weights weigh precision matrices
 CURVATURE_WEIGHT = (float, 0.0, INF, False, True)
 METHOD_RANGES = {(m, "weight"): CURVATURE_WEIGHT for m in ("fisher", "regmean", "mats", "gradient_matching")}
 # the subspace methods' alpha is the scale of the merged task vector, not RegMean's off-diagonal share
 METHOD_RANGES |= {(m, "alpha"): (float, -INF, INF, True, True) for m in ("tsv", "iso_c", "iso_cts", "wudi")}
+# RAM's epsilon is a threshold on |τ_i|, RAM+'s alpha a cap on a ratio, NearSwap's t a distance
+METHOD_RANGES |= {(m, "epsilon"): (float, 0.0, INF, False, True) for m in ("ram", "ramplus_tl")}
+METHOD_RANGES |= {("karcher", "tol"): (float, 0.0, 1.0, True, True)}  # mats's range, its own default
+METHOD_RANGES |= {("ramplus_tl", "alpha"): (float, 0.0, INF, False, True), ("nearswap", "t"): (float, 0.0, INF, False, True)}
 
 
 def documented_range(method: str, name: str) -> tuple:
@@ -400,8 +409,10 @@ def test_edge_values_through_merge_tensors(method, name, value, accepted):
     spec = get_method(method)
     param = spec.param(name)
     kwargs = {"generator": torch.Generator().manual_seed(1)} if spec.random else {}
+    # DELLA refuses density ± epsilon outside [0, 1], a check of the pair; a zero spread isolates density's range
+    alone = {"epsilon": 0.0} if method.startswith("della") and name == "density" else {}
     if param.per_model:
-        kwargs["model_parameters"] = [{name: value}] + [{} for _ in tensors[1:]]
+        kwargs["model_parameters"] = [{name: value, **alone}] + [dict(alone) for _ in tensors[1:]]
     else:
         kwargs[name] = value
     if accepted:

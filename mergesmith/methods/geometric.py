@@ -1,4 +1,5 @@
-"""Geometric combines: SLERP, NuSLERP, Model Stock, and passthrough (layer stacking)."""
+"""Geometric combines: SLERP, NuSLERP, Multi-SLERP, the Karcher mean, Model Stock, and passthrough (layer
+stacking)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mergesmith.errors import RecipeError
 from mergesmith.methods.registry import Param, fixed, points, register
 from mergesmith.methods.task_arithmetic import WEIGHT
 
@@ -74,6 +76,90 @@ def nuslerp(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[
     if base is None:
         return nuslerp_rows(t, v0, v1, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     return base + nuslerp_rows(t, v0 - base, v1 - base, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+
+
+@register("multislerp", base="optional", reference="mergekit (goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
+          tuning=fixed({"multislerp": [{}]}),  # equal weights: nothing else to set
+          params=[WEIGHT, Param("normalize_weights", bool, True, help="divide the weights by their sum"),
+                  Param("eps", float, 1e-8, interval=(0.0, float("inf")), open_low=True,
+                        help="added to norms before dividing by them")])
+def multislerp(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], normalize_weights: bool,
+               eps: float) -> Tensor:
+    """Multi-SLERP: barycentric interpolation on the sphere of the flattened inputs (their task vectors, with
+    a base): unit vectors ûᵢ = vᵢ/(‖vᵢ‖ + eps), mean direction m = Σ wᵢûᵢ/‖Σ wᵢûᵢ‖, tangent t = Σ wᵢ(ûᵢ −
+    (ûᵢ·m)m), result (cos‖t‖ m + sin‖t‖ t/‖t‖)·Σ wᵢ‖vᵢ‖ (‖t‖ + eps in both places). One input is returned as is;
+    two that cancel (Σ wᵢûᵢ = 0) are averaged linearly, more are an error."""
+    if len(tensors) == 1:
+        return tensors[0]
+    vectors = torch.stack([t if base is None else t - base for t in tensors]).reshape(len(tensors), -1)
+    w = torch.tensor(list(weight), dtype=vectors.dtype, device=vectors.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    units = vectors / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise RecipeError("multislerp: the weighted sum of the unit inputs is zero (inputs that cancel, such "
+                              "as a and −a with equal weights); change the weights")
+        result = w[0] * vectors[0] + w[1] * vectors[1]
+    else:
+        mean = mean / mean_norm
+        tangent = (w[:, None] * (units - (units @ mean)[:, None] * mean)).sum(0)
+        tangent_norm = torch.linalg.vector_norm(tangent) + eps
+        result = (mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)) * (
+            norms.squeeze(1) * w).sum()
+    result = result.reshape(tensors[0].shape)
+    return result if base is None else result + base
+
+
+def karcher_mean(tensors: Sequence[Tensor], weights: Sequence[float], *, max_iter: int, tol: float) -> Tensor:
+    """The weighted Karcher (Fréchet) mean of the inputs' directions on the unit sphere, by Riemannian gradient
+    steps from the normalised weighted mean of the unit vectors (up to ``max_iter``, stopping when the
+    tangent step is below ``tol``), times the weighted mean norm. Inputs with norm ≤ tol take no part in the
+    direction; if none is left the result is zero. mergekit's definition, in one float dtype throughout."""
+    if len(tensors) == 1:
+        return tensors[0]
+    flat = torch.stack([t.reshape(-1) for t in tensors])
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    live = [i for i in range(len(tensors)) if float(norms[i]) > tol]
+    if not live:
+        return torch.zeros_like(tensors[0])
+    total = sum(weights[i] for i in live)
+    alphas = [weights[i] / total for i in live]
+    units = flat[live] / norms[live, None]
+    mean = sum(a * u for a, u in zip(alphas, units))
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(alphas, units):
+            dot = torch.clamp(mean @ unit, -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) >= tol:
+                tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+        step = torch.linalg.vector_norm(tangent)
+        if float(step) < tol:
+            break
+        mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
+        length = torch.linalg.vector_norm(mean)
+        if float(length) > tol:
+            mean = mean / length
+    scale = sum(w * n for w, n in zip(weights, norms))
+    return (scale * mean).reshape(tensors[0].shape)
+
+
+@register("karcher", base="optional", reference="arXiv:2603.04972",
+          tuning=fixed({"karcher": [{}]}),  # max_iter and tol only decide how exactly the mean is found
+          params=[Param("max_iter", int, 10, interval=(0, float("inf")), help="Riemannian gradient steps at most"),
+                  Param("tol", float, 1e-5, interval=(0.0, 1.0), open_low=True, open_high=True,
+                        help="stop when the tangent step is below this")])
+def karcher(base: Tensor | None, tensors: Sequence[Tensor], *, max_iter: int, tol: float) -> Tensor:
+    """Karcher mean: the equal-weight Riemannian mean on the sphere of every input (the base counts as one
+    input, as in mergekit), scaled by the inputs' mean norm (``karcher_mean``)."""
+    inputs = [*([base] if base is not None else []), *tensors]
+    return karcher_mean(inputs, [1 / len(inputs)] * len(inputs), max_iter=max_iter, tol=tol)
 
 
 @register("model_stock", min_models=2, reference="arXiv:2403.19522",

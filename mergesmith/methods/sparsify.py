@@ -93,18 +93,22 @@ def _top_threshold(magnitude: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return v, ties[k - greater:]
 
 
-def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Mask of the ``keep_count`` largest |delta| (TIES trim); among equal magnitudes at the threshold
-    the earlier positions are kept (a stable sort by descending magnitude)."""
-    magnitude = delta.abs().reshape(-1)
-    n = magnitude.numel()
-    k = keep_count(n, density)
-    if k in (0, n):
-        return torch.full_like(delta, k == n, dtype=torch.bool)
-    threshold, dropped_ties = _top_threshold(magnitude, k)
-    mask = magnitude >= threshold
+def top_k_mask(values: Tensor, k: int) -> Tensor:
+    """Mask of the k largest ``values``; among equal values at the threshold the earlier positions are kept
+    (a stable sort by descending value)."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(values, k >= n, dtype=torch.bool)
+    threshold, dropped_ties = _top_threshold(flat, k)
+    mask = flat >= threshold
     mask[dropped_ties] = False
-    return mask.reshape(delta.shape)
+    return mask.reshape(values.shape)
+
+
+def top_magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Mask of the ``keep_count`` largest |delta| (TIES trim; ``top_k_mask``)."""
+    return top_k_mask(delta.abs(), keep_count(delta.numel(), density))
 
 
 def top_magnitude_floor_(delta: Tensor, density: float) -> Tensor:
@@ -155,6 +159,21 @@ def bernoulli_mask(delta: Tensor, density: float, generator: torch.Generator) ->
         return torch.ones_like(delta, dtype=torch.bool)
     draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
     return (draws < density).to(delta.device)
+
+
+def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MAGPRUNE (arXiv:2406.11617): within each row (a 1-D tensor is one row; a wider tensor's rows
+    are its first axis), entries ranked by magnitude r = 0 … n−1 (ascending, equal magnitudes by position)
+    are kept with probability p = density − ε + 2ε·r/(n − 1): from density − ε for the smallest to
+    density + ε for the largest (density itself for a one-entry row)."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    ranks = torch.empty_like(rows, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    order = rows.abs().argsort(dim=1, stable=True)
+    positions = torch.arange(n, dtype=ranks.dtype, device=rows.device).expand_as(rows)
+    ranks.scatter_(1, order, positions)
+    spread = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return (density - epsilon + 2 * epsilon * spread).reshape(delta.shape)
 
 
 def drop_and_rescale_(delta: Tensor, drop_: Callable[[Tensor], object], density: float, rescale: str) -> Tensor:

@@ -119,6 +119,8 @@ def wudi_adam(deltas: Tensor, *, iterations: int, lr: float) -> Tensor:
     """The paper's solve: Adam (lr ``lr``, no weight decay) on WUDI's objective from τ = Σ_i Δ_i for
     ``iterations`` steps, an early-stopped descent. The gradient is formed in closed form from
     ``wudi_system`` — the same gradient autograd gives, one (out, in)·(in, in) product per step instead of T."""
+    if not bool((deltas != 0).any()):  # a frozen tensor: nothing to descend on, and nothing to pay for
+        return torch.zeros_like(deltas[0])
     gram_sum, rhs = wudi_system(deltas)
     with torch.inference_mode(False):  # the engine merges under inference mode; Adam keeps its own state
         tau = deltas.sum(0).clone()

@@ -1,4 +1,4 @@
-"""Weighted averages and the task-vector family: task arithmetic, TIES, DARE and Model Breadcrumbs.
+"""Weighted averages and the task-vector family: task arithmetic, TIES, DARE, DELLA and Model Breadcrumbs.
 
 Notation: base θ_0, inputs θ_i, task vectors τ_i = θ_i − θ_0, per-model weights w_i, global scale λ.
 Every task-vector method returns θ_0 + λ·combine(w_i · sparsify(τ_i)); the TIES-style methods combine
@@ -20,6 +20,7 @@ from mergesmith.methods.sparsify import (
     blocks,
     breadcrumbs_mask,
     consensus_combine,
+    della_keep_probabilities,
     drop_and_rescale_,
     keep_top_magnitude_,
     outside,
@@ -202,6 +203,70 @@ def dare_ties(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float
     """DARE drop-and-rescale of each τ_i, then TIES sign election and disjoint sum (as ``ties``)."""
     drop = _dare_drop(density, _rescale_mode(rescale, "inverse_density"), generator)
     return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=True,
+                             sparsify=drop)
+
+
+EPSILON = Param("epsilon", float, 0.15, per_model=True, interval=(0.0, 1.0),
+                help="spread of DELLA's keep probabilities: density ± epsilon from smallest to largest |τ_i|")
+DELLA_PARAMS = [WEIGHT, DENSITY, EPSILON, LAMBDA,
+                Param("normalize", bool, True, help="divide by Σ w_i (agreeing ones: della)"),
+                _rescale_param("inverse_density"), INT8_MASK]
+
+
+def _validate_della(kwargs: dict, has_base: bool, n_models: int) -> str | None:
+    for i, (density, epsilon) in enumerate(zip(kwargs["density"], kwargs["epsilon"])):
+        if 0 < density < 1 and not (density - epsilon >= 0 and density + epsilon <= 1):
+            return (f"model {i}: density ± epsilon ({density:g} ± {epsilon:g}) must lie in [0, 1], for they are "
+                    f"keep probabilities; lower epsilon or move density")
+    return None
+
+
+def _della_drop(density: Sequence[float], epsilon: Sequence[float], rescale: str,
+                generator: torch.Generator) -> Sparsifier:
+    def drop(delta: Tensor, i: int) -> None:
+        if density[i] >= 1:
+            return
+        if density[i] <= 0:
+            delta.zero_()
+            return
+        probabilities = della_keep_probabilities(delta, density[i], epsilon[i])
+        # drawn on the CPU as DARE's mask is, so that epsilon = 0 draws DARE's very mask from the same seed
+        draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32).to(delta.device)
+        keep = draws < probabilities
+        if rescale == "inverse_density":  # each survivor divided by its own keep probability (the paper)
+            delta.div_(probabilities).masked_fill_(~keep, 0)
+        else:
+            drop_and_rescale_(delta, outside(keep), density[i], rescale)
+    return drop
+
+
+@register("della", params=DELLA_PARAMS, random=True, upcast_inputs=False, validate=_validate_della,
+          reference="arXiv:2406.11617",
+          tuning=fixed({"della": points(density=[0.3, 0.6], epsilon=[0.1], **{"lambda": [0.3, 0.6, 1.0]})}))
+def della(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
+          epsilon: Sequence[float], scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
+          generator: torch.Generator) -> Tensor:
+    """DELLA: MAGPRUNE drops each entry of τ_i with a keep probability that grows with its magnitude rank in
+    its row (density ± epsilon, ``della_keep_probabilities``), divides survivors by their probability,
+    then TIES sign election and disjoint mean (as ``ties``); epsilon = 0 is DARE-TIES."""
+    drop = _della_drop(density, epsilon, _rescale_mode(rescale, "inverse_density"), generator)
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=True,
+                             sparsify=drop)
+
+
+@register("della_linear", params=[*DELLA_PARAMS[:4],
+                                  Param("normalize", bool, False, help="divide by Σ w_i"),
+                                  *DELLA_PARAMS[5:]],
+          random=True, upcast_inputs=False, reference="arXiv:2406.11617",
+          validate=lambda kwargs, has_base, n: _validate_della(kwargs, has_base, n) or nonzero_weight_sum(
+              kwargs, has_base, n),
+          tuning=fixed({"della_linear": points(density=[0.3, 0.6], epsilon=[0.1], **{"lambda": [0.1, 0.2, 0.4]})}))
+def della_linear(base: Tensor, tensors: Sequence[Tensor], *, weight: Sequence[float], density: Sequence[float],
+                 epsilon: Sequence[float], scale: float, normalize: bool, rescale: bool | str, int8_mask: bool,
+                 generator: torch.Generator) -> Tensor:
+    """DELLA's MAGPRUNE drop of each τ_i (as ``della``), then task arithmetic; epsilon = 0 is dare_linear."""
+    drop = _della_drop(density, epsilon, _rescale_mode(rescale, "inverse_density"), generator)
+    return task_vector_merge(base, tensors, weight, scale=scale, normalize=normalize, elect_sign=False,
                              sparsify=drop)
 
 
