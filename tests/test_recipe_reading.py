@@ -356,7 +356,8 @@ METHOD_RANGES |= {(m, "alpha"): (float, -INF, INF, True, True) for m in ("tsv", 
 # RAM's epsilon is a threshold on |τ_i|, RAM+'s alpha a cap on a ratio, NearSwap's t a distance
 METHOD_RANGES |= {(m, "epsilon"): (float, 0.0, INF, False, True) for m in ("ram", "ramplus_tl")}
 METHOD_RANGES |= {("karcher", "tol"): (float, 0.0, 1.0, True, True)}  # mats's range, its own default
-METHOD_RANGES |= {("ramplus_tl", "alpha"): (float, 0.0, INF, False, True), ("nearswap", "t"): (float, 0.0, INF, False, True)}
+METHOD_RANGES |= {("ramplus_tl", "alpha"): (float, 0.0, INF, False, True),
+                  ("nearswap", "t"): (float, 0.0, INF, False, True)}
 
 
 def documented_range(method: str, name: str) -> tuple:
