@@ -29,6 +29,15 @@ def test_every_method_that_can_merge_six_models_is_a_row():
         assert required in labels
 
 
+def test_the_smoke_test_leaves_out_only_the_heavy_variants():
+    full = {row.label for row in protocol.variants(6)}
+    quick = {row.label for row in protocol.variants(6, quick=True)}
+    heavy = {label for name in method_names() for label in get_method(name).heavy}
+    assert heavy and heavy <= full  # a heavy label must name a real variant
+    assert quick == full - heavy
+    assert all(len(row.grid) == 1 for row in protocol.variants(6, quick=True))
+
+
 def test_a_method_registered_later_gets_its_row(monkeypatch):
     def scaled_average(base, tensors, *, scale):
         return scale * sum(tensors) / len(tensors)

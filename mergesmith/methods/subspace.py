@@ -170,7 +170,9 @@ def iso_cts(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, common_spa
     Param("iterations", int, 300, interval=(1, 100_000), help="Adam steps (solver: adam)"),
     Param("lr", float, 1e-5, interval=(0.0, 1.0), open_low=True, help="Adam learning rate (solver: adam)"),
 ], reference="arXiv:2503.08099",
-    tuning=fixed({f"wudi[{solver}]": points(solver=[solver], alpha=ALPHA_GRID) for solver in ("exact", "adam")}))
+    tuning=fixed({f"wudi[{solver}]": points(solver=[solver], alpha=ALPHA_GRID) for solver in ("exact", "adam")}),
+    # 300 Adam steps, each an (out, in)·(in, in) product: minutes for MiniLM on a CPU (its paper runs on a GPU)
+    heavy=("wudi[adam]",))
 def wudi(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, solver: str, iterations: int,
          lr: float) -> Tensor:
     """WUDI: for each 2-D tensor, τ minimising Σ_i ‖(τ − Δ_i) Δ_iᵀ‖²_F / ‖Δ_i‖²_F, exactly or by the paper's

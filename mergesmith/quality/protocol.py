@@ -67,11 +67,13 @@ class Variant:
 
 def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
     """Every registered method that can merge ``n_models`` fine-tunes and declares a tuning grid, one row per
-    variant (``quick``: only each grid's middle point)."""
+    variant (``quick``: only each grid's middle point, and no variant the method calls heavy)."""
     rows = []
     for name in method_names():
         method = get_method(name)
         for label, grid in method.grid(n_models).items():
+            if quick and label in method.heavy:
+                continue
             if not 1 <= len(grid) <= TUNING_POINTS:
                 raise ValueError(f"method '{name}' declares {len(grid)} tuning points for '{label}'; give 1 to "
                                  f"{TUNING_POINTS}")
