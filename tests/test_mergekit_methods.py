@@ -227,3 +227,29 @@ def test_multislerp_of_inputs_that_cancel_is_one_clear_error():
     with pytest.raises(RecipeError, match="weighted sum of the unit inputs is zero"):
         merge_tensors("multislerp", None, [a, -a, torch.tensor([0.0, 0.0])],
                       model_parameters=[{"weight": 1.0}, {"weight": 1.0}, {"weight": 0.0}])
+
+
+# mergekit 0.1.5's registry (mergekit.merge_methods.registry._METHODS), every name of which a recipe may use
+MERGEKIT_0_1_5 = ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+                  "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
+                  "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties"]
+
+
+def test_every_mergekit_method_name_is_accepted():
+    from mergesmith.methods import method_names
+
+    assert set(MERGEKIT_0_1_5) <= set(method_names())
+
+
+def test_the_list_is_mergekits_own_when_mergekit_is_installed():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    executable = os.environ.get("MERGEKIT_YAML")
+    if not executable:
+        pytest.skip("set MERGEKIT_YAML to a mergekit-yaml executable")
+    python = Path(executable).with_name("python")
+    listed = subprocess.run([str(python), "-c", "import mergekit.merge_methods.registry as r; "
+                             "print(' '.join(sorted(r._METHODS)))"], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == MERGEKIT_0_1_5
