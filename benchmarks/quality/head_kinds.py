@@ -41,6 +41,18 @@ def random_directions(x: torch.Tensor, classes: int, generator: torch.Generator)
     return scaled(directions / directions.norm(dim=1, keepdim=True), x)
 
 
+def head_of(kind: str, x: torch.Tensor, labels: torch.Tensor, classes: int, generator: torch.Generator) -> P.Head:
+    if kind == "lp":
+        return P.linear_probe(x, labels, classes)
+    if kind == "ncm":
+        return class_means(x, labels, classes)
+    return random_directions(x, classes, generator)
+
+
+def normalised(accuracy: dict[str, float], own: dict[str, float]) -> float:
+    return sum(accuracy[n] / own[n] for n in own) / len(own)
+
+
 def merged(states: list[dict], base: dict, scale: float | None) -> dict:
     """The plain average of the fine-tunes (scale None) or task arithmetic at λ = scale."""
     out = {}
@@ -65,12 +77,8 @@ def main(specs: list[str], seed: int = 0) -> None:
         kind, lr, steps = spec.split(":")
         t0 = time.time()
         generator = torch.Generator().manual_seed(seed)
-        heads = {}
-        for t in tasks:
-            x, y = features[t.name], P.labels_of(t.train)
-            heads[t.name] = {"lp": lambda: P.linear_probe(x, y, t.num_labels),
-                             "ncm": lambda: class_means(x, y, t.num_labels),
-                             "rand": lambda: random_directions(x, t.num_labels, generator)}[kind]()
+        heads = {t.name: head_of(kind, features[t.name], P.labels_of(t.train), t.num_labels, generator)
+                 for t in tasks}
         start_acc = {t.name: P.accuracy(start, heads[t.name], suite, t.test) for t in tasks}
         states, own = [], {}
         for t in tasks:
@@ -84,13 +92,12 @@ def main(specs: list[str], seed: int = 0) -> None:
             model = P.load(base_dir)
             model.load_state_dict(merged(states, base_state, scale), strict=False)
             scores[label] = {t.name: P.accuracy(model, heads[t.name], suite, t.test) for t in tasks}
-        norm = lambda acc: sum(acc[n] / own[n] for n in own) / len(own)  # noqa: E731
         print(f"== {spec} ({time.time() - t0:.0f}s)")
         for t in tasks:
             print(f"  {t.name:16s} start {start_acc[t.name]:.3f} ft {own[t.name]:.3f} avg "
                   f"{scores['avg'][t.name]:.3f} ta.3 {scores['ta0.3'][t.name]:.3f}")
-        print(f"  normalised: start {norm(start_acc):.3f} avg {norm(scores['avg']):.3f} "
-              f"ta0.3 {norm(scores['ta0.3']):.3f} ta0.5 {norm(scores['ta0.5']):.3f}", flush=True)
+        print(f"  normalised: start {normalised(start_acc, own):.3f} avg {normalised(scores['avg'], own):.3f} "
+              f"ta0.3 {normalised(scores['ta0.3'], own):.3f} ta0.5 {normalised(scores['ta0.5'], own):.3f}", flush=True)
 
 
 if __name__ == "__main__":
