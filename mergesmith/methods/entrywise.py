@@ -13,8 +13,7 @@ from torch import Tensor
 
 from mergesmith.methods.registry import Param, fixed, points, register
 from mergesmith.methods.sparsify import top_k_mask
-from mergesmith.methods.subspace import task_vectors
-from mergesmith.methods.task_arithmetic import INT8_MASK
+from mergesmith.methods.task_arithmetic import INT8_MASK, task_vectors
 
 
 def sce_weights(deltas: Tensor) -> Tensor:

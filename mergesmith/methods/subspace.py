@@ -15,20 +15,13 @@ import torch
 from torch import Tensor
 
 from mergesmith.methods.registry import Param, fixed, points, register
+from mergesmith.methods.task_arithmetic import task_vectors
 
 ALPHA = Param("alpha", float, 1.0, interval=(-float("inf"), float("inf")),
               help="scale α of the merged task vector (θ_0 + α·Δ)")
 # every row is tuned over the same scales: the interfering suites want far less than one summed task vector
 # (task arithmetic's best λ on vision was 0.05–0.1 over six models), the papers use α = 1 (TSV, WUDI) to 1.5
 ALPHA_GRID = [0.1, 0.2, 0.4, 0.7, 1.0, 1.5]
-
-
-def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-    """Δ stacked: (T, *shape), Δ_i = θ_i − θ_0, in the base's dtype."""
-    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
-    for i, tensor in enumerate(tensors):
-        deltas[i].copy_(tensor).sub_(base)
-    return deltas
 
 
 def polar(x: Tensor) -> Tensor:

@@ -80,6 +80,15 @@ def linear(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[f
     return merged
 
 
+def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """τ stacked: (T, *shape), τ_i = θ_i − θ_0, in the base's dtype (each input widened before subtracting:
+    mixed-dtype subtraction is much slower)."""
+    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for i, tensor in enumerate(tensors):
+        deltas[i].copy_(tensor).sub_(base)
+    return deltas
+
+
 def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *, scale: float,
                       normalize: bool, elect_sign: bool,
                       sparsify: Sparsifier | None = None) -> Tensor:
@@ -93,10 +102,9 @@ def task_vector_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence
     if not tensors:
         return base.clone()
     if elect_sign:
-        deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+        deltas = task_vectors(base, tensors)
         floors = []
-        for i, tensor in enumerate(tensors):
-            deltas[i].copy_(tensor).sub_(base)  # widen first: mixed-dtype subtraction is much slower
+        for i in range(len(tensors)):
             floor = sparsify(deltas[i], i) if sparsify is not None else None
             floors.append(0.0 if floor is None else float(floor))
         w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
