@@ -31,7 +31,13 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SHARD_BYTES = 200 * 10**6
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi")
+DEFAULT_METHODS = METHODS[:4]
+MERGEKIT_METHODS = set(METHODS[:4])  # the subspace merges are mergesmith's own: no mergekit column
+# each method's parameters per model (the subspace merges take no weights) and for the whole recipe
+MODEL_PARAMETERS = {"linear": "weight: {w}", "task_arithmetic": "weight: {w}", "ties": "weight: {w}, density: 0.5",
+                    "dare_ties": "weight: {w}, density: 0.5"}
+RECIPE_PARAMETERS = {"tsv": "alpha: 0.5", "iso_c": "alpha: 0.5", "iso_cts": "alpha: 0.5", "wudi": "alpha: 0.5"}
 FINETUNES = ("ft1", "ft2", "ft3")
 WEIGHTS = (0.4, 0.3, 0.3)
 
@@ -108,10 +114,12 @@ def write_recipes(dirs: dict[str, Path], recipe_dir: Path) -> dict[str, Path]:
     paths = {}
     for method in METHODS:
         base = [f"base_model: {dirs['base']}"] if method != "linear" else []  # linear ignores a base
-        lines = [f"merge_method: {method}", *base, "models:"]
+        shared = [f"parameters: {{{RECIPE_PARAMETERS[method]}}}"] if method in RECIPE_PARAMETERS else []
+        lines = [f"merge_method: {method}", *base, *shared, "models:"]
         for ft, w in zip(FINETUNES, WEIGHTS):
-            params = f"weight: {w}" + (", density: 0.5" if method in ("ties", "dare_ties") else "")
-            lines += [f"  - model: {dirs[ft]}", f"    parameters: {{{params}}}"]
+            lines.append(f"  - model: {dirs[ft]}")
+            if method in MODEL_PARAMETERS:
+                lines.append(f"    parameters: {{{MODEL_PARAMETERS[method].format(w=w)}}}")
         paths[method] = recipe_dir / f"{method}.yaml"
         paths[method].write_text("\n".join([*lines, "dtype: bfloat16"]) + "\n")
     return paths
@@ -168,7 +176,7 @@ def bench(tools: dict, recipes: dict[str, Path], args: argparse.Namespace) -> di
         for _ in range(args.repeats):
             for tool, cmd_of in tools.items():
                 out, log = args.work_dir / f"out-{tool}-{method}", args.work_dir / f"{tool}-{method}.log"
-                if errors[tool]:
+                if errors[tool] or (tool == "mergekit" and method not in MERGEKIT_METHODS):
                     continue
                 shutil.rmtree(out, ignore_errors=True)
                 run = {"source": source_hash(), **run_timed(cmd_of(recipe, out), log)}
@@ -251,7 +259,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                    help="default: the four mergekit shares; add tsv iso_c iso_cts wudi for the subspace merges")
     ap.add_argument("--mergekit", help="path to a mergekit-yaml executable (its own venv) to compare with")
     ap.add_argument("--results", type=Path, default=HERE, help="directory for results.md and results.json")
     args = ap.parse_args()
