@@ -253,3 +253,9 @@ def test_the_list_is_mergekits_own_when_mergekit_is_installed():
     listed = subprocess.run([str(python), "-c", "import mergekit.merge_methods.registry as r; "
                              "print(' '.join(sorted(r._METHODS)))"], capture_output=True, text=True, check=True)
     assert listed.stdout.split() == MERGEKIT_0_1_5
+
+
+def test_multislerp_of_unchanged_tensors_is_the_tensor():
+    base = torch.tensor([0.5, -1.0, 2.0])
+    torch.testing.assert_close(merge_tensors("multislerp", base, [base.clone()] * 3), base)
+    torch.testing.assert_close(merge_tensors("multislerp", None, [torch.zeros(3)] * 3), torch.zeros(3))

@@ -88,10 +88,13 @@ def multislerp(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequen
     """Multi-SLERP: barycentric interpolation on the sphere of the flattened inputs (their task vectors, with
     a base): unit vectors ûᵢ = vᵢ/(‖vᵢ‖ + eps), mean direction m = Σ wᵢûᵢ/‖Σ wᵢûᵢ‖, tangent t = Σ wᵢ(ûᵢ −
     (ûᵢ·m)m), result (cos‖t‖ m + sin‖t‖ t/‖t‖)·Σ wᵢ‖vᵢ‖ (‖t‖ + eps in both places). One input is returned as is;
-    two that cancel (Σ wᵢûᵢ = 0) are averaged linearly, more are an error."""
+    two that cancel (Σ wᵢûᵢ = 0) are averaged linearly, more are an error — unless every vᵢ is zero (a tensor
+    no fine-tune changed), which merges to itself where mergekit raises the same error."""
     if len(tensors) == 1:
         return tensors[0]
     vectors = torch.stack([t if base is None else t - base for t in tensors]).reshape(len(tensors), -1)
+    if not bool(vectors.any()):  # identical inputs (a tensor no fine-tune changed): nothing to interpolate
+        return tensors[0].clone()
     w = torch.tensor(list(weight), dtype=vectors.dtype, device=vectors.device)
     if normalize_weights:
         w = w / w.sum()
