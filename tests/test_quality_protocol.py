@@ -4,6 +4,7 @@ and the report's normalised averages and ordering verdicts are the formulas' num
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 
@@ -172,3 +173,53 @@ def test_a_suite_chooses_its_heads():
     bad = types.SimpleNamespace(NAME="toy", HEADS="zero-shot")
     with pytest.raises(ValueError, match="HEADS is 'zero-shot'"):
         protocol.make_heads(bad, None, [], 0)
+
+
+def _with_protocol_fields(results: dict) -> dict:
+    for seed in results["per_seed"]:
+        for key in ("val", "val_grid", "solver", "warnings"):
+            seed[key] = {row["label"]: ([0.5] if key == "val_grid" else 0.5 if key == "val" else {})
+                         for row in results["rows"]}
+    results["settings"] = {"heads": "random"}
+    return results
+
+
+def test_rows_added_later_replace_or_join_the_earlier_ones():
+    from mergesmith.errors import UsageError
+    from mergesmith.quality import combine
+
+    reference = {"start": [{"a": 0.5, "b": 0.5}] * 2, "individual": [{"a": 0.9, "b": 0.8}] * 2,
+                 "multitask": [{"a": 0.8, "b": 0.8}] * 2}
+    earlier = _with_protocol_fields(_results({**reference, "linear": [{"a": 0.6, "b": 0.6}] * 2,
+                                              "ties": [{"a": 0.7, "b": 0.6}] * 2}))
+    redo = {k: v[1:] for k, v in reference.items()}
+    added = _with_protocol_fields(_results({**redo, "ties": [{"a": 0.75, "b": 0.65}], "tsv": [{"a": 0.8, "b": 0.7}]}))
+    added["seeds"], added["seconds"]["merge_and_score"], added["command"] = [1], 60.0, "run --methods ties tsv"
+    combined = combine(earlier, added)
+    assert [r["label"] for r in combined["rows"]] == ["linear", "ties", "tsv"]
+    assert combined["per_seed"][1]["test"]["tsv"] == {"a": 0.8, "b": 0.7}
+    assert combined["per_seed"][1]["test"]["ties"] == {"a": 0.75, "b": 0.65}
+    assert combined["per_seed"][0]["test"]["ties"] == {"a": 0.7, "b": 0.6}  # seed 0 was not rerun
+    assert combined["seconds"]["merge_and_score"] == 60.0 and combined["additions"][0]["rows"] == ["ties", "tsv"]
+    assert earlier["per_seed"][1]["test"]["ties"] == {"a": 0.7, "b": 0.6}  # the earlier results are not changed
+
+    other_models = copy.deepcopy(added)
+    other_models["per_seed"][0]["test"]["individual"]["a"] = 0.91
+    with pytest.raises(UsageError, match="seed 1: the individual accuracies differ"):
+        combine(earlier, other_models)
+    new_seed = copy.deepcopy(added)
+    new_seed["seeds"] = [7]
+    with pytest.raises(UsageError, match="no seed 7"):
+        combine(earlier, new_seed)
+
+
+def test_only_the_named_methods_or_rows_are_run():
+    from mergesmith.errors import UsageError
+    from mergesmith.quality import select
+
+    rows = protocol.variants(6)
+    assert {r.label for r in select(rows, ["mats"])} == {"mats[fisher]", "mats[gram]", "mats[kfac]"}
+    assert [r.label for r in select(rows, ["mats[kfac]", "ties"])] == [
+        r.label for r in rows if r.label in ("mats[kfac]", "ties")]
+    with pytest.raises(UsageError, match="'tsvv'"):
+        select(rows, ["tsvv"])

@@ -1,6 +1,6 @@
 """Subspace merges (TSV, Iso-C, Iso-CTS, WUDI) against the papers' formulas written out here: independent
-loops over the tasks, polar factors from an eigendecomposition instead of an SVD, autograd for WUDI's
-objective, and the limits each formula must reach."""
+loops over the tasks, LAPACK's SVD in float64 (the implementation decomposes Gram matrices instead), autograd
+for WUDI's objective, and the limits each formula must reach."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mergesmith import merge
 from mergesmith.methods import merge_tensors
-from mergesmith.methods.subspace import iso_cts_split, polar, wudi_adam, wudi_exact
+from mergesmith.methods.subspace import gram_svd, iso_cts_split, polar, wudi_adam, wudi_exact
 
 F64 = torch.float64
 
@@ -21,10 +21,10 @@ def _case(t: int = 3, rows: int = 12, cols: int = 9, seed: int = 0) -> tuple[tor
     return base, [base + 0.1 * torch.randn(rows, cols, generator=generator, dtype=F64) for _ in range(t)]
 
 
-def _polar_by_eigh(x: torch.Tensor) -> torch.Tensor:
-    """x (xᵀx)^(-1/2) for a tall x of full column rank (x's orthogonal polar factor, by a different route)."""
-    values, vectors = torch.linalg.eigh(x.T @ x)
-    return x @ vectors @ torch.diag(values.rsqrt()) @ vectors.T
+def _polar_by_svd(x: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ from x = U S Vᵀ, x of full rank: x's orthogonal polar factor, by LAPACK's SVD."""
+    u, _, vt = torch.linalg.svd(x, full_matrices=False)
+    return u @ vt
 
 
 def _merge(method: str, base, tensors, **parameters):
@@ -33,6 +33,43 @@ def _merge(method: str, base, tensors, **parameters):
 
 
 # ---- TSV ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 40, 12), (2, 12, 40), (30, 30)])
+def test_singular_triplets_from_the_gram_are_lapacks(shape):
+    x = torch.randn(*shape, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    u, s, vt = torch.linalg.svd(x.double(), full_matrices=False)
+    gu, gs, gvt = gram_svd(x, 5)
+    assert gu.dtype == torch.float32 and gu.shape == (*shape[:-1], 5) and gvt.shape == (*shape[:-2], 5, shape[-1])
+    torch.testing.assert_close(gs.double(), s[..., :5], rtol=1e-6, atol=0)
+    # vectors are defined up to sign: compare the rank-5 reconstructions and the projectors
+    torch.testing.assert_close((gu * gs.unsqueeze(-2) @ gvt).double(), u[..., :5] * s[..., None, :5] @ vt[..., :5, :],
+                               rtol=0, atol=2e-5)
+    torch.testing.assert_close((gu.mT @ gu).double(), torch.eye(5, dtype=F64).expand(*shape[:-2], 5, 5), atol=1e-5,
+                               rtol=0)
+
+
+def test_a_rank_deficient_matrix_has_zero_triplets_past_its_rank():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 3, generator=generator) @ torch.randn(3, 16, generator=generator)  # rank 3, float32
+    u, s, vt = gram_svd(x)
+    assert int((s > 0).sum()) == 3 and not bool(u[:, 3:].any()) and not bool(vt[3:].any())
+    torch.testing.assert_close(u * s @ vt, x, rtol=0, atol=1e-5)
+    p = polar(x)  # the partial isometry on x's range
+    torch.testing.assert_close(p @ p.T @ p, p, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.linalg.svdvals(p)[:4], torch.tensor([1.0, 1.0, 1.0, 0.0]), rtol=0, atol=1e-5)
+
+
+def test_iso_cts_with_rank_deficient_task_matrices_is_finite_and_the_papers():
+    # the shape that made LAPACK's SVD fail to converge: Δ_i − U_c U_cᵀ Δ_i has rank r − k_common, here with
+    # bf16-rounded inputs as a real checkpoint holds them
+    generator = torch.Generator().manual_seed(3)
+    base = (torch.randn(64, 48, generator=generator) * 0.02).bfloat16().float()
+    tensors = [(base + torch.randn(64, 48, generator=generator) * 0.001).bfloat16().float() for _ in range(3)]
+    got = _merge("iso_cts", base, tensors)
+    assert bool(torch.isfinite(got).all())
+    expected = _iso_cts_by_loop(base.double(), [t.double() for t in tensors], 0.8)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
 
 def test_tsv_is_the_papers_construction():
     base, tensors = _case(t=3, rows=12, cols=9)
@@ -43,8 +80,8 @@ def test_tsv_is_the_papers_construction():
         u_parts.append(u[:, :k])
         s_parts.append(s[:k])
         v_parts.append(vt[:k].T)
-    u_perp = _polar_by_eigh(torch.cat(u_parts, 1))
-    v_perp = _polar_by_eigh(torch.cat(v_parts, 1))
+    u_perp = _polar_by_svd(torch.cat(u_parts, 1))
+    v_perp = _polar_by_svd(torch.cat(v_parts, 1))
     expected = base + 0.7 * u_perp @ torch.diag(torch.cat(s_parts)) @ v_perp.T
     torch.testing.assert_close(_merge("tsv", base, tensors, alpha=0.7), expected, rtol=1e-9, atol=1e-10)
 
@@ -121,8 +158,8 @@ def _iso_cts_by_loop(base, tensors, fraction):
         columns.append(ut[:, :per_task])
         rows.append(vtt[:per_task])
         values.append(st[:per_task])
-    u_perp = _polar_by_eigh(torch.cat(columns, 1))
-    v_perp = _polar_by_eigh(torch.cat(rows, 0).T)
+    u_perp = _polar_by_svd(torch.cat(columns, 1))
+    v_perp = _polar_by_svd(torch.cat(rows, 0).T)
     return base + torch.cat(values).mean() * u_perp @ v_perp.T
 
 
@@ -159,7 +196,7 @@ def test_wudi_exact_zeroes_the_gradient_of_its_objective():
     # and it is a minimum: any step raises the loss (the objective is a convex quadratic)
     for _ in range(3):
         step = 1e-3 * torch.randn_like(tau)
-        assert float(_wudi_loss(tau.detach() + step, [t - base for t in tensors])) > float(loss)
+        assert float(_wudi_loss(tau.detach() + step, [t - base for t in tensors])) > float(loss.detach())
 
 
 def test_wudi_exact_with_a_singular_system_is_the_minimum_norm_solution():

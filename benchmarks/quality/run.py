@@ -4,9 +4,12 @@
     python benchmarks/quality/run.py --suite vision  # one suite
     python benchmarks/quality/run.py --quick         # the CI smoke test: 1 seed, 1 grid point, few examples
     python benchmarks/quality/run.py --report        # rebuild the .md and .png files from the committed JSON
+    python benchmarks/quality/run.py --suite text --methods tsv wudi --workdir W  # add or redo some rows only
 
 Models, sidecars and merges go to --workdir (default: a temporary directory, removed at the end unless
---keep); fine-tunes and sidecars found there with the same settings are reused.
+--keep); fine-tunes and sidecars found there with the same settings are reused. With --methods, the rows
+of the named methods (or row labels, as mats[kfac]) are merged, scored and put into the results already in
+--out, which must come from the same fine-tunes (a kept --workdir, or the same seeds retrained alike).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mergesmith.quality import SUITES, claim, run_suite
+    from mergesmith.quality import SUITES, claim, combine, run_suite
     from mergesmith.quality.report import summary_table, write
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where results go (default: {RESULTS}; --quick: its quick/ folder)")
     parser.add_argument("--report", action="store_true", help="only rebuild .md and .png from the JSON in --out")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                        help="only these methods or rows, put into the results already in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 2, or 1 on a busy machine)")
     args = parser.parse_args(argv)
     suites = SUITES if args.suite == "all" else (args.suite,)
@@ -59,10 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality/run.py" + "".join(f" {shlex.quote(a)}" for a in _result_options(argv))
     try:
         for suite in suites:
+            earlier_file = out / f"{suite}.json"
+            earlier = json.loads(earlier_file.read_text()) if args.methods and earlier_file.is_file() else None
+
+            def complete(partial: dict, earlier: dict | None = earlier) -> dict:
+                return partial if earlier is None else combine(earlier, partial)
+
             results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
-                                progress=_progress, say=lambda text: print(text, flush=True),
-                                on_seed=lambda partial: write(partial, out))  # a later failure keeps these
-            for path in write(results, out):
+                                progress=_progress, say=lambda text: print(text, flush=True), only=args.methods,
+                                on_seed=lambda partial: write(complete(partial), out))  # a later failure keeps these
+            for path in write(complete(results), out):
                 print(f"wrote {path}", flush=True)
     finally:
         if args.workdir is None and not args.keep:
@@ -98,7 +109,7 @@ if __name__ == "__main__":
 
     try:
         sys.exit(main())
-    except MergeError as error:  # a user's mistake (a foreign --workdir, a bad path): one line
+    except MergeError as error:  # a user's mistake (a foreign --workdir, a bad path or name): one line
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@ registered method, scored per task with each task's own head (``protocol`` says 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import platform
@@ -15,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mergesmith.quality.protocol import Progress, run_seed, suite_tasks, variants
+from mergesmith.quality.protocol import Progress, Variant, run_seed, suite_tasks, variants
 
 SUITES = ("vision", "text")  # vision first: it is over in minutes
 
@@ -65,9 +66,11 @@ def machine() -> str:
 def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick: bool = False,
               command: str = "", progress: Progress = lambda text: nullcontext(),
               say: Callable[[str], None] = lambda text: None,
-              on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_seed: Callable[[dict[str, Any]], None] | None = None,
+              only: Sequence[str] | None = None) -> dict[str, Any]:
     """Run one suite for ``seeds`` in ``work`` and return its results (the JSON the report is built from);
-    ``on_seed`` hears the results so far after every seed."""
+    ``on_seed`` hears the results so far after every seed. ``only`` keeps the rows whose label or method is
+    named (to add rows to earlier results with ``combine``)."""
     import torch
     import transformers
 
@@ -93,7 +96,7 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
         tasks = [t.name for t in seed_tasks]
         classes = {t.name: t.num_labels for t in seed_tasks}
         sources = {t.name: t.source for t in seed_tasks}
-        rows = rows or variants(len(tasks), quick=quick)
+        rows = rows or select(variants(len(tasks), quick=quick), only)
         result = run_seed(suite, base, work / f"seed-{seed}", seed, quick=quick, rows=rows, progress=progress,
                           say=say)
         per_seed.append(asdict(result))
@@ -103,6 +106,57 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
     assert rows is not None
     return _results(name, suite, quick, list(seeds), tasks, classes, sources, command,
                     time.perf_counter() - started, rows, per_seed, planned=list(seeds))
+
+
+def select(rows: list[Variant], only: Sequence[str] | None) -> list[Variant]:
+    """The rows whose label (``mats[kfac]``) or method (``mats``) is in ``only``; all of them for None."""
+    from mergesmith.errors import UsageError
+
+    if only is None:
+        return rows
+    known = {r.label for r in rows} | {r.method for r in rows}
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise UsageError(f"no benchmark row or method is called {', '.join(map(repr, unknown))}; the rows are "
+                         f"{', '.join(r.label for r in rows)}")
+    return [r for r in rows if r.label in only or r.method in only]
+
+
+def combine(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``earlier`` results with the rows of ``added`` (a run of some methods only) put in, replacing rows of
+    the same label. The two must have merged the same fine-tunes: the same suite, tasks and settings, seeds
+    among the earlier ones, and the same start, fine-tune and multitask accuracies on every seed."""
+    from mergesmith.errors import UsageError
+
+    for key in ("suite", "quick", "tasks", "settings"):
+        if earlier[key] != added[key]:
+            raise UsageError(f"the earlier results differ in '{key}' ({earlier[key]!r} against {added[key]!r}); "
+                             f"rerun the whole suite instead of adding rows")
+    missing = [seed for seed in added["seeds"] if seed not in earlier["seeds"]]
+    if missing:
+        raise UsageError(f"the earlier results have no seed {', '.join(map(str, missing))}; rerun the whole suite")
+    combined = copy.deepcopy(earlier)
+    for seed, new in zip(added["seeds"], added["per_seed"]):
+        old = combined["per_seed"][earlier["seeds"].index(seed)]
+        for reference in ("start", "individual", "multitask"):
+            if old["test"][reference] != new["test"][reference]:
+                raise UsageError(f"seed {seed}: the {reference} accuracies differ from the earlier results, so "
+                                 f"the models differ; rerun the whole suite")
+        for row in added["rows"]:
+            for key in ("val", "val_grid", "chosen", "merge_seconds", "solver", "warnings"):
+                old[key].pop(row["label"], None)
+                if row["label"] in new[key]:
+                    old[key][row["label"]] = new[key][row["label"]]
+            old["test"][row["label"]] = new["test"][row["label"]]
+    labels = {row["label"] for row in added["rows"]}
+    combined["rows"] = [row for row in combined["rows"] if row["label"] not in labels] + added["rows"]
+    merging = added["seconds"]["merge_and_score"]
+    combined["seconds"]["merge_and_score"] += merging
+    combined["wall_seconds"] += merging
+    combined.setdefault("additions", []).append(
+        {"command": added["command"], "rows": [row["label"] for row in added["rows"]], "seeds": added["seeds"],
+         "merge_and_score_seconds": merging, "machine": added["machine"]})
+    return combined
 
 
 def _results(name: str, suite: ModuleType, quick: bool, seeds: list[int], tasks: list[str], classes: dict,

@@ -100,7 +100,10 @@ def markdown(results: dict[str, Any]) -> str:
            f"Normalised = accuracy ÷ the task's own fine-tune's accuracy, averaged over tasks. Each merge's "
            f"hyper-parameters are the grid point with the best normalised validation accuracy. "
            f"{HEAD_WORDS[results.get('settings', {}).get('heads', 'probe')]}", "",
-           f"Reproduce: `{results['command']}` ({results['wall_seconds'] / 60:.1f} min on {results['machine']}).", "",
+           f"Reproduce: `{results['command']}` ({results['wall_seconds'] / 60:.1f} min on {results['machine']}).",
+           *[f"Rows {', '.join(a['rows'])} were added by `{a['command']}` on the same fine-tunes "
+             f"({a['merge_and_score_seconds'] / 60:.1f} min of merging and scoring)." for a in
+             results.get("additions", [])], "",
            "| model | kind | grid | normalised % | absolute % | merge s |", "|---|---|---:|---:|---:|---:|"]
     order = [*REFERENCES, *sorted(rows, key=lambda r: -row_stats(results, r)["normalised"])]
     for row in order:
