@@ -128,12 +128,14 @@ def _stats_elements(job: Job) -> int:
 
 
 def _work_bytes(job: Job) -> int:
-    """Working copies while computing: every input and a few temporaries of the output's size in float32;
-    with statistics, float64 solves (CG keeps residual, direction, product and iterate per model) and a
-    float64 copy of each statistic."""
+    """Working copies while computing: every input and the method's temporaries of the output's size in
+    float32 (``MergeMethod.work_copies``: 3 for elementwise methods); with statistics, float64 solves (CG keeps
+    residual, direction, product and iterate per model) and a float64 copy of each statistic."""
     elements = sum(math.prod(out.shape) for out in job.outputs)
     if job.stats is None:
-        return 4 * elements * (len(job.own_reads) + 3)
+        inputs = len(job.own_reads)
+        per_model, fixed = max((out.method.work_copies for out in job.outputs), key=lambda c: c[0] * inputs + c[1])
+        return 4 * elements * (inputs + per_model * inputs + fixed)
     return 8 * elements * (len(job.own_reads) + 6) + 8 * _stats_elements(job)
 
 

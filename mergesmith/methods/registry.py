@@ -158,6 +158,10 @@ class MergeMethod:
     tuning: Tuning | None = None  # None: the method takes no part in the quality benchmark
     # tuning variants whose merge takes minutes on a CPU: the benchmark's --quick smoke test leaves them out
     heavy: tuple[str, ...] = ()
+    # float32 temporaries the size of the output while merging one tensor, beyond the inputs' float32 copies
+    # (plan.py's memory bound): (per input model, fixed). Elementwise methods need about 3; a decomposition
+    # holds task vectors, factors and their products.
+    work_copies: tuple[int, int] = (0, 3)
 
     def grid(self, n_models: int) -> dict[str, list[dict[str, Any]]]:
         """The method's tuning grid for ``n_models`` inputs ({} when it declares none or cannot take that many)."""
@@ -274,14 +278,15 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
              needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
              validate: Validator | None = None, reports: bool = False,
              base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
-             tuning: Tuning | None = None, heavy: tuple[str, ...] = ()
-             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             tuning: Tuning | None = None, heavy: tuple[str, ...] = (),
+             work_copies: tuple[int, int] = (0, 3)) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
     ``upcast_inputs=False`` is for methods that only combine the other inputs with the compute-dtype
     base (or first input) through promoting operations: the engine then skips a float32 copy of each
     input, which saves memory traffic on the elementwise methods. ``tuning`` is the method's grid for the
-    quality benchmark (``Tuning``); ``heavy`` names its variants too slow for the benchmark's smoke test.
+    quality benchmark (``Tuning``); ``heavy`` names its variants too slow for the benchmark's smoke test;
+    ``work_copies`` states the method's temporaries for the engine's memory bound (``MergeMethod``).
     """
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -291,7 +296,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
                                      upcast_inputs, reference, summary, needs, validate, reports, base_needs,
-                                     tuning, heavy)
+                                     tuning, heavy, work_copies)
         return function
 
     return decorate

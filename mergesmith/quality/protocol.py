@@ -360,7 +360,8 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
     for row in rows:
         scores, seconds = [], []
         with progress(f"seed {seed}: {row.label}, {len(row.grid)} grid point{'s' * (len(row.grid) > 1)}"):
-            # every point's merge is kept until the grid is done, so that only the best one is scored on test
+            # the best point's model so far stays loaded, so that only it is scored on test at the end
+            best, best_model = 0, None
             for i, point in enumerate(row.grid):
                 recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None)
                 t0 = time.perf_counter()
@@ -374,11 +375,16 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                 model = _merged_model(work / f"merged-{i}", finetunes, heads)
                 scores.append(sum(accuracy(model, heads[t.name], suite, t.val) / own_val[t.name] for t in tasks)
                               / len(tasks))
-            best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the earlier point
-            model = _merged_model(work / f"merged-{best}", finetunes, heads)
-            result.test[row.label] = {t.name: accuracy(model, heads[t.name], suite, t.test) for t in tasks}
-            for i in range(len(row.grid)):
-                _fresh(work / f"merged-{i}")
+                if best_model is None or scores[i] > scores[best]:  # ties: the earlier point
+                    superseded, best, best_model = best, i, model
+                    if i > 0:
+                        _fresh(work / f"merged-{superseded}")
+                else:
+                    _fresh(work / f"merged-{i}")
+                del model
+            result.test[row.label] = {t.name: accuracy(best_model, heads[t.name], suite, t.test) for t in tasks}
+            del best_model
+            _fresh(work / f"merged-{best}")
         result.val[row.label], result.chosen[row.label] = scores[best], row.grid[best]
         result.val_grid[row.label] = scores
         result.merge_seconds[row.label] = sum(seconds) / len(seconds)
