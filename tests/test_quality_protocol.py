@@ -192,25 +192,26 @@ def test_rows_added_later_replace_or_join_the_earlier_ones():
                  "multitask": [{"a": 0.8, "b": 0.8}] * 2}
     earlier = _with_protocol_fields(_results({**reference, "linear": [{"a": 0.6, "b": 0.6}] * 2,
                                               "ties": [{"a": 0.7, "b": 0.6}] * 2}))
-    redo = {k: v[1:] for k, v in reference.items()}
-    added = _with_protocol_fields(_results({**redo, "ties": [{"a": 0.75, "b": 0.65}], "tsv": [{"a": 0.8, "b": 0.7}]}))
-    added["seeds"], added["seconds"]["merge_and_score"], added["command"] = [1], 60.0, "run --methods ties tsv"
+    added = _with_protocol_fields(_results({**reference, "ties": [{"a": 0.75, "b": 0.65}, {"a": 0.7, "b": 0.6}],
+                                            "tsv": [{"a": 0.8, "b": 0.7}] * 2}))
+    added["seconds"]["merge_and_score"], added["command"] = 60.0, "run --methods ties tsv"
     combined = combine(earlier, added)
     assert [r["label"] for r in combined["rows"]] == ["linear", "ties", "tsv"]
     assert combined["per_seed"][1]["test"]["tsv"] == {"a": 0.8, "b": 0.7}
-    assert combined["per_seed"][1]["test"]["ties"] == {"a": 0.75, "b": 0.65}
-    assert combined["per_seed"][0]["test"]["ties"] == {"a": 0.7, "b": 0.6}  # seed 0 was not rerun
+    assert combined["per_seed"][0]["test"]["ties"] == {"a": 0.75, "b": 0.65}
+    assert combined["per_seed"][1]["test"]["linear"] == {"a": 0.6, "b": 0.6}  # not rerun, kept
     assert combined["seconds"]["merge_and_score"] == 60.0 and combined["additions"][0]["rows"] == ["ties", "tsv"]
-    assert earlier["per_seed"][1]["test"]["ties"] == {"a": 0.7, "b": 0.6}  # the earlier results are not changed
+    assert earlier["per_seed"][0]["test"]["ties"] == {"a": 0.7, "b": 0.6}  # the earlier results are not changed
+    assert "tsv" in report.markdown(combined)  # a complete table
 
     other_models = copy.deepcopy(added)
-    other_models["per_seed"][0]["test"]["individual"]["a"] = 0.91
+    other_models["per_seed"][1]["test"]["individual"] = {"a": 0.91, "b": 0.8}
     with pytest.raises(UsageError, match="seed 1: the individual accuracies differ"):
         combine(earlier, other_models)
-    new_seed = copy.deepcopy(added)
-    new_seed["seeds"] = [7]
-    with pytest.raises(UsageError, match="no seed 7"):
-        combine(earlier, new_seed)
+    one_seed = copy.deepcopy(added)
+    one_seed["seeds"], one_seed["per_seed"] = [1], one_seed["per_seed"][1:]
+    with pytest.raises(UsageError, match="same seeds"):
+        combine(earlier, one_seed)
 
 
 def test_only_the_named_methods_or_rows_are_run():

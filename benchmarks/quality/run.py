@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             earlier_file = out / f"{suite}.json"
             earlier = json.loads(earlier_file.read_text()) if args.methods and earlier_file.is_file() else None
 
-            def complete(partial: dict, earlier: dict | None = earlier) -> dict:
-                return partial if earlier is None else combine(earlier, partial)
-
+            # after each seed, the results so far, so that a later failure keeps them; rows being added are
+            # complete only when every seed is done, so until then they are written on their own
+            partial_out = out if earlier is None else out / "partial"
             results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
                                 progress=_progress, say=lambda text: print(text, flush=True), only=args.methods,
-                                on_seed=lambda partial: write(complete(partial), out))  # a later failure keeps these
-            for path in write(complete(results), out):
+                                on_seed=lambda partial, where=partial_out: write(partial, where))
+            for path in write(results if earlier is None else combine(earlier, results), out):
                 print(f"wrote {path}", flush=True)
     finally:
         if args.workdir is None and not args.keep:

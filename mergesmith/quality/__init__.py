@@ -124,17 +124,17 @@ def select(rows: list[Variant], only: Sequence[str] | None) -> list[Variant]:
 
 def combine(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
     """``earlier`` results with the rows of ``added`` (a run of some methods only) put in, replacing rows of
-    the same label. The two must have merged the same fine-tunes: the same suite, tasks and settings, seeds
-    among the earlier ones, and the same start, fine-tune and multitask accuracies on every seed."""
+    the same label. The two must have merged the same fine-tunes: the same suite, tasks, settings and seeds,
+    and the same start, fine-tune and multitask accuracies on every seed."""
     from mergesmith.errors import UsageError
 
     for key in ("suite", "quick", "tasks", "settings"):
         if earlier[key] != added[key]:
             raise UsageError(f"the earlier results differ in '{key}' ({earlier[key]!r} against {added[key]!r}); "
                              f"rerun the whole suite instead of adding rows")
-    missing = [seed for seed in added["seeds"] if seed not in earlier["seeds"]]
-    if missing:
-        raise UsageError(f"the earlier results have no seed {', '.join(map(str, missing))}; rerun the whole suite")
+    if sorted(added["seeds"]) != sorted(earlier["seeds"]):  # a row's table cell is a mean over every seed
+        raise UsageError(f"the earlier results are for seeds {earlier['seeds']}, the added rows for "
+                         f"{added['seeds']}; add rows for the same seeds (--seeds)")
     combined = copy.deepcopy(earlier)
     for seed, new in zip(added["seeds"], added["per_seed"]):
         old = combined["per_seed"][earlier["seeds"].index(seed)]
