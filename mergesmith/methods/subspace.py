@@ -39,16 +39,19 @@ def gram64(x: Tensor) -> Tensor:
     return gram
 
 
-def _gram_eigh(tall: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _gram_eigh(tall: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(σ, V, live) of a tall matrix from its float64 Gram, σ descending; ``live`` marks the σ above the cut
     of ``gram_svd``, and the others are set to 0."""
     values, vectors = torch.linalg.eigh(gram64(tall))
     sigma, vectors = values.flip(-1).clamp_min(0).sqrt(), vectors.flip(-1)
-    size = tall.shape[-2]
-    # below the second bound float64's σ² has lost its digits (rounding of the Gram is ~size·ε₆₄·σ_max²)
-    cut = max(size * torch.finfo(dtype).eps, 10 * (size * torch.finfo(torch.float64).eps) ** 0.5)
-    live = sigma > sigma[..., :1] * cut
+    # below this, float64's σ² has lost its digits (rounding of the Gram is ~size·ε₆₄·σ_max²); above it, every σ
+    # a float32 matrix defines is kept: a TSV V_cat of MiniLM had a σ of 6e-6·σ_max that LAPACK resolves
+    live = sigma > sigma[..., :1] * _cut(tall.shape[-2])
     return torch.where(live, sigma, 0.0), vectors, live
+
+
+def _cut(size: int) -> float:
+    return 10 * (size * torch.finfo(torch.float64).eps) ** 0.5
 
 
 def _inverse(sigma: Tensor, live: Tensor) -> Tensor:
@@ -64,12 +67,12 @@ def gram_svd(x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     matrix by 3.5×, the embedding by 1.6×), and it never fails to converge (LAPACK's divide-and-conquer SVD does
     on rank-deficient float32 input, as Iso-CTS's projected task matrices are). Its accuracy is a float32 SVD's:
     σ² carries an error of ~max(m, n)·ε₆₄·σ_max², and x·v/σ one of ~ε·σ_max/σ. Singular values at or below
-    σ_max·max(max(m, n)·ε, 10·√(max(m, n)·ε₆₄)) (ε of x's dtype: rounding noise, or the zeros of a
-    rank-deficient matrix; for float32 input the first bound, 1.2e-4 at 1024) have no defined singular
-    vectors: they come back as 0 with zero vectors, so that they take no part downstream."""
+    10·√(max(m, n)·ε₆₄)·σ_max (4.7e-6 at 1024: the zeros of a rank-deficient matrix, and float32 rounding
+    noise, are far below) are not resolved from the Gram and have no defined singular vectors: they come back
+    as 0 with zero vectors, so that they take no part downstream."""
     wide = x.shape[-2] < x.shape[-1]
     tall = x.mT if wide else x
-    sigma, vectors, live = _gram_eigh(tall, x.dtype)
+    sigma, vectors, live = _gram_eigh(tall)
     take = min(x.shape[-2:]) if k is None else min(k, *x.shape[-2:])
     sigma, vectors, live = sigma[..., :take], vectors[..., :take], live[..., :take]
     v = vectors * live.unsqueeze(-2)
@@ -85,9 +88,24 @@ def polar(x: Tensor) -> Tensor:
     x's range: the singular vectors of zero singular values are arbitrary, so they are left out."""
     wide = x.shape[-2] < x.shape[-1]
     tall = x.mT if wide else x
-    sigma, vectors, live = _gram_eigh(tall, x.dtype)
+    sigma, vectors, live = _gram_eigh(tall)
+    weakest = torch.where(live, sigma, sigma[..., :1]).amin(-1) / sigma[..., 0].clamp_min(torch.finfo(sigma.dtype).tiny)
+    if bool((weakest < ILL_CONDITIONED).any()):
+        return _polar_by_svd(tall).to(x.dtype).mT if wide else _polar_by_svd(tall).to(x.dtype)
     factor = tall @ ((vectors * _inverse(sigma, live).unsqueeze(-2)) @ vectors.mT).to(x.dtype)
     return factor.mT if wide else factor
+
+
+# a kept σ below this fraction of σ_max has lost too many digits in the Gram (x·(xᵀx)^(-1/2) is then off by up
+# to ~ε₆₄·size/ratio², 2e-5 at this ratio and 1024): such matrices take LAPACK's float64 SVD
+ILL_CONDITIONED = 1e-4
+
+
+def _polar_by_svd(tall: Tensor) -> Tensor:
+    """The polar factor of an ill-conditioned tall matrix by LAPACK's float64 SVD, with ``gram_svd``'s cut."""
+    p, sigma, qt = torch.linalg.svd(tall.double(), full_matrices=False)
+    live = sigma > sigma[..., :1] * _cut(tall.shape[-2])
+    return (p * live.unsqueeze(-2)) @ qt
 
 
 def tsv_delta(deltas: Tensor) -> Tensor:
