@@ -59,6 +59,16 @@ def test_a_rank_deficient_matrix_has_zero_triplets_past_its_rank():
     torch.testing.assert_close(torch.linalg.svdvals(p)[:4], torch.tensor([1.0, 1.0, 1.0, 0.0]), rtol=0, atol=1e-5)
 
 
+def test_an_ill_conditioned_polar_factor_keeps_its_digits():
+    # σ from 1 down to 6e-6, as a TSV V_cat of MiniLM had: the Gram alone would be off by ~1e-3 on the weakest
+    generator = torch.Generator().manual_seed(4)
+    q1 = torch.linalg.qr(torch.randn(60, 40, generator=generator, dtype=F64))[0]
+    q2 = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=F64))[0]
+    x = (q1 * torch.logspace(0, -5.2, 40, dtype=F64)) @ q2.T
+    torch.testing.assert_close(polar(x.float()).double(), q1 @ q2.T, rtol=0, atol=1e-4)
+    torch.testing.assert_close(polar(x), q1 @ q2.T, rtol=0, atol=1e-9)
+
+
 def test_iso_cts_with_rank_deficient_task_matrices_is_finite_and_the_papers():
     # the shape that made LAPACK's SVD fail to converge: Δ_i − U_c U_cᵀ Δ_i has rank r − k_common, here with
     # bf16-rounded inputs as a real checkpoint holds them

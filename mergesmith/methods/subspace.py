@@ -89,8 +89,10 @@ def polar(x: Tensor) -> Tensor:
     wide = x.shape[-2] < x.shape[-1]
     tall = x.mT if wide else x
     sigma, vectors, live = _gram_eigh(tall)
-    weakest = torch.where(live, sigma, sigma[..., :1]).amin(-1) / sigma[..., 0].clamp_min(torch.finfo(sigma.dtype).tiny)
-    if bool((weakest < ILL_CONDITIONED).any()):
+    top = sigma[..., :1]
+    nonzero = top > 0  # a zero matrix is not ill-conditioned: its factor is 0
+    weakest = torch.where(live, sigma, top).amin(-1, keepdim=True) / torch.where(nonzero, top, 1.0)
+    if bool((nonzero & (weakest < ILL_CONDITIONED)).any()):
         return _polar_by_svd(tall).to(x.dtype).mT if wide else _polar_by_svd(tall).to(x.dtype)
     factor = tall @ ((vectors * _inverse(sigma, live).unsqueeze(-2)) @ vectors.mT).to(x.dtype)
     return factor.mT if wide else factor
@@ -200,6 +202,8 @@ def wudi_adam(deltas: Tensor, *, iterations: int, lr: float) -> Tensor:
 
 def _merge(base: Tensor, tensors: Sequence[Tensor], alpha: float, matrix_delta) -> Tensor:
     deltas = task_vectors(base, tensors)
+    if base.dim() == 2 and not bool(deltas.any()):  # a frozen matrix (an embedding): nothing to decompose
+        return base.clone()
     delta = matrix_delta(deltas) if base.dim() == 2 else deltas.mean(0)
     return base + alpha * delta
 
