@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                                 on_seed=lambda partial, where=partial_out: write(partial, where))
             for path in write(results if earlier is None else combine(earlier, results), out):
                 print(f"wrote {path}", flush=True)
+            if earlier is not None:  # the rows are in the results now; their partial copy was ours
+                for path in partial_out.glob(f"{suite}*"):
+                    path.unlink()
     finally:
         if args.workdir is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
