@@ -107,7 +107,7 @@ def big_inputs(tmp_path_factory) -> dict[str, Path]:
                    "models": [{"model": str(paths["ft1"]), "parameters": {"weight": 0.7}},
                               {"model": str(paths["ft2"]), "parameters": {"weight": 0.3}}]},
         # a decomposition holds several times a tensor's size (MergeMethod.work_copies): the bound must say so
-        "iso_cts": {"merge_method": "iso_cts", "base_model": str(paths["base"]), "parameters": {"alpha": 0.8},
+        "iso_c": {"merge_method": "iso_c", "base_model": str(paths["base"]), "parameters": {"alpha": 0.8},
                     "models": [{"model": str(paths["ft1"])}, {"model": str(paths["ft2"])}]},
     }
     for method, recipe in recipes.items():
@@ -232,7 +232,7 @@ CHECKED = ("model.embed_tokens.weight", "model.layers.7.mlp.up_proj.weight", "mo
            "model.norm.weight")
 
 
-@pytest.mark.parametrize("method", ["ties", "linear", "iso_cts"])
+@pytest.mark.parametrize("method", ["ties", "linear", "iso_c"])
 def test_merge_completes_under_a_cap_just_above_the_stated_bound(big_inputs, memory_group, tmp_path, method):
     out = tmp_path / "out"
     models = [big_inputs[m] for m in ("base", "ft1", "ft2")]
@@ -240,8 +240,8 @@ def test_merge_completes_under_a_cap_just_above_the_stated_bound(big_inputs, mem
                        lambda r: MARGIN * r["bound"] - max(0, r["start_up"] - r["charged_start_up"]), models)
     context = {k: v for k, v in run.items() if k != "stderr"} | {"stderr": run["stderr"][-2000:]}
     # the inputs are far more than the merge may hold beyond start-up: only streaming fits under the cap
-    # (Iso-CTS's bound holds 15 copies of the embedding, so there the inputs are merely more than it)
-    assert run["bytes_read"] > (1.0 if method == "iso_cts" else 1.5) * (run["bound"] - run["start_up"]), context
+    # (a subspace merge's bound holds 15 copies of the embedding, so there the inputs are merely more than it)
+    assert run["bytes_read"] > (1.0 if method == "iso_c" else 1.5) * (run["bound"] - run["start_up"]), context
     assert run["rc"] == 0 and run["code"] == 0, context
     assert run["oom_kills"] in (0, -1) and run["max_usage"] <= run["cap"], context
 
@@ -251,8 +251,8 @@ def test_merge_completes_under_a_cap_just_above_the_stated_bound(big_inputs, mem
         ft1, ft2 = inputs["ft1"][name], inputs["ft2"][name]
         if method == "linear":
             expected = (0.7 * ft1 + 0.3 * ft2) / (0.7 + 0.3)
-        elif method == "iso_cts":  # the streamed merge is the in-memory one
-            expected = mergesmith.merge_tensors("iso_cts", inputs["base"][name], [ft1, ft2], alpha=0.8)
+        elif method == "iso_c":  # the streamed merge is the in-memory one
+            expected = mergesmith.merge_tensors("iso_c", inputs["base"][name], [ft1, ft2], alpha=0.8)
         else:
             expected = mergesmith.merge_tensors("ties", inputs["base"][name], [ft1, ft2], density=0.5,
                                                 model_parameters=[{"weight": 0.6}, {"weight": 0.4}])
