@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(str(p) for p in write(results, args.out or RESULTS)))
         print(summary_table(everything))  # the README's table
         return 0
+    if args.methods:  # a misspelt name is refused now, not after the fine-tuning (any suite size)
+        from mergesmith.quality import select
+        from mergesmith.quality.protocol import variants
+
+        select(list({row.label: row for n in range(2, 9) for row in variants(n, quick=args.quick)}.values()),
+               args.methods)
     import torch
 
     from mergesmith.quality import threads
