@@ -178,8 +178,7 @@ def wudi_exact(deltas: Tensor) -> Tensor:
     else:
         values, vectors = torch.linalg.eigh(gram_sum)
         keep = values > values.max() * gram_sum.shape[0] * torch.finfo(torch.float64).eps
-        inverse = torch.where(keep, 1 / torch.where(keep, values, 1.0), 0.0)
-        tau_t = vectors @ (inverse[:, None] * (vectors.T @ rhs.T))
+        tau_t = vectors @ (_inverse(values, keep)[:, None] * (vectors.T @ rhs.T))
     return tau_t.T.to(deltas.dtype)
 
 
