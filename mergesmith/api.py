@@ -15,6 +15,7 @@ from mergesmith.checks import check_device
 from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeWarning, OutputError, RecipeError, human_size
 from mergesmith.execute import MergeSummary, execute
+from mergesmith.io.adapter import adapter_files, open_model, split_adapter_reference
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file, read_json
 from mergesmith.io.sidecar import StatsReader
@@ -40,7 +41,7 @@ def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe,
 
 def _plan(recipe: Recipe, label: str) -> Plan:
     try:
-        return build_plan(recipe, lambda model: CheckpointReader(Path(model), name=model),
+        return build_plan(recipe, lambda model: open_model(model, recipe.base_model),
                           lambda stats: StatsReader(Path(stats)))
     except RecipeError as e:
         if not label:
@@ -61,7 +62,8 @@ def input_paths(recipe: Recipe) -> list[Path]:
     for out_slice in recipe.slices or []:
         names |= {src.model for src in out_slice.sources} | {src.stats for src in out_slice.sources if src.stats}
     names |= {n for n in (recipe.base_model, recipe.base_stats, recipe.tokenizer_source) if n and n != "base"}
-    return [Path(name) for name in sorted(names)]
+    split = {part for name in names if (found := adapter_files(name)) for part in found if part is not None}
+    return [Path(name) for name in sorted((names - {n for n in names if split_adapter_reference(n)}) | split)]
 
 
 def _protected(recipe: Recipe, label: str) -> list[Path]:

@@ -39,9 +39,9 @@ class MergeSummary:
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
             seed: int, stats: list[dict[str, Any]] | None = None, report: dict[str, Any] | None = None,
-            check_result: bool = True) -> dict[str, torch.Tensor]:
+            check_result: bool = True, factors: list[Any] | None = None) -> dict[str, torch.Tensor]:
     """Compute a job's output tensors from its loaded inputs (base first, when the job has one, then the
-    companion's inputs) and statistics."""
+    companion's inputs), statistics and, for a factored job, each input's delta factors."""
     if not tensors[0].is_floating_point():
         # integer buffers (position ids, masks) are not averaged: they come from the base or first model
         return {job.name: tensors[0]}
@@ -55,8 +55,11 @@ def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, comp
                   for k, v in s.items()} for s in (stats or [{} for _ in blocks])]
     base_stats, model_stats = (per_input[0], per_input[1:]) if job.base is not None else ({}, per_input)
     try:
+        if factors is not None:
+            factors = [None if f is None else tuple(x.to(device=device, dtype=compute_dtype) for x in f)
+                       for f in factors]
         result = job.method.call(base, others, job.kwargs, generator=generator, stats=model_stats,
-                                 base_stats=base_stats, name=job.name, report=report)
+                                 base_stats=base_stats, name=job.name, report=report, factors=factors)
     except MergeError as e:  # a method's complaint about this tensor's values: say which tensor
         if f"'{job.name}'" in str(e):
             raise
@@ -87,10 +90,10 @@ def _from_block(job: Job, block: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool = True
-              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None]]:
-    """Yield each job with its loaded inputs and statistics, reading ahead on a thread by at most ``depth``
-    jobs. With ``check_inputs``, a weight holding NaN or infinities is an error naming model and tensor
-    (checked here, on the reader's thread, where it overlaps the compute)."""
+              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None, list[Any] | None]]:
+    """Yield each job with its loaded inputs, statistics and (a factored job) delta factors, reading ahead on a
+    thread by at most ``depth`` jobs. With ``check_inputs``, a weight holding NaN or infinities is an error naming
+    model and tensor (checked here, on the reader's thread, where it overlaps the compute)."""
 
     def load(read: TensorInput) -> torch.Tensor:
         tensor = read.source.get(read.key)
@@ -107,7 +110,8 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool 
                 if stop.is_set():
                     return
                 stats = job.stats.load() if job.stats is not None else None
-                loaded.put((job, [load(r) for r in job.reads], stats))
+                factors = [r.source.low_rank(r.key) for r in job.inputs] if job.factored else None
+                loaded.put((job, [load(r) for r in job.reads], stats, factors))
             loaded.put(None)
         except BaseException as e:  # re-raised on the consuming thread
             loaded.put(e)
@@ -141,11 +145,11 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
     # into interpreter shutdown (where a live thread reading a tensor aborts the process)
     jobs = contextlib.closing(_prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite))
     with jobs as loaded:
-        for job, tensors, stats in loaded:
+        for job, tensors, stats, factors in loaded:
             bytes_read += sum(t.numel() * t.element_size() for t in tensors)
             report: dict[str, Any] = {}
             results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
-                              report=report, check_result=not allow_nonfinite)
+                              report=report, check_result=not allow_nonfinite, factors=factors)
             if report:
                 reports[job.name] = report
             for name, result in results.items():

@@ -43,6 +43,7 @@ class Job:
     out_dtype: torch.dtype  # the recipe's output dtype, else the stored dtype of the base (or first) input
     stats: TensorStats | None = None  # what a curvature method reads besides weights
     companion: Job | None = None  # a bias merged in one block with this weight (K-FAC), read and written along
+    factored: bool = False  # every input is an adapter over this base: the method gets each delta's factors
 
     @property
     def own_reads(self) -> list[TensorInput]:
@@ -114,7 +115,9 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def _read_bytes(job: Job) -> int:
-    weights = sum(_nbytes(r.source.shape(r.key), r.source.dtype(r.key)) for r in job.reads)
+    # an adapter's touched tensor arrives in float32, whatever its stored dtype
+    weights = sum(_nbytes(r.source.shape(r.key), getattr(r.source, "loaded_dtype", r.source.dtype)(r.key))
+                  for r in job.reads)
     return weights + 4 * _stats_elements(job)
 
 
@@ -305,13 +308,23 @@ class _Planner:
         stored = first.source.dtype(first.key)
         out_dtype = self.recipe.output_dtype if stored.is_floating_point and self.recipe.output_dtype else stored
         stats = self.tensor_stats(name, shape, kwargs, base_src, others, key_of) if stored.is_floating_point else None
-        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype, stats)
+        factored = self.method.low_rank and base is not None and all(_adapter_over(i, base) for i in inputs)
+        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype, stats, factored=factored)
 
     def _is_per_model(self, key: str) -> bool:
         try:
             return self.method.param(key).per_model
         except KeyError:
             return False
+
+
+def _adapter_over(read: TensorInput, base: TensorInput) -> bool:
+    """Whether ``read`` is an adapter's tensor over exactly the base tensor ``base``, so that the adapter's factors
+    are its task vector."""
+    adapter_base = getattr(read.source, "base_path", None)
+    base_path = getattr(base.source, "path", None)
+    return (adapter_base is not None and base_path is not None and read.key == base.key
+            and not hasattr(base.source, "low_rank") and adapter_base == base_path.resolve())
 
 
 def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],

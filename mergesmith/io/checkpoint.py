@@ -431,8 +431,9 @@ class CheckpointReader:
     def _weight_files(self) -> tuple[list[Path], tuple[Path, dict[str, Path]] | None]:
         """The files to read, and (index, {tensor: file}) when an index names them."""
         if self.path.is_file():  # named by the user: a symlink is theirs to make
-            if self.path.suffix != ".safetensors":
-                raise CheckpointError(f"{self.path}: a single-file model must be a .safetensors file")
+            if self.path.suffix not in (".safetensors", ".bin"):
+                raise CheckpointError(f"{self.path}: a single-file model must be a .safetensors (or weights-only "
+                                      f".bin) file")
             return [self.path], None
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: neither a model directory nor a .safetensors file")

@@ -162,6 +162,9 @@ class MergeMethod:
     # (plan.py's memory bound): (per input model, fixed). Elementwise methods need about 3; a decomposition
     # holds task vectors, factors and their products.
     work_copies: tuple[int, int] = (0, 3)
+    # the function takes ``factors``: per input, (left, right) with left @ right its task vector when every input
+    # is an adapter over the base (else None), so that a decomposition can work on the factors
+    low_rank: bool = False
 
     def grid(self, n_models: int) -> dict[str, list[dict[str, Any]]]:
         """The method's tuning grid for ``n_models`` inputs ({} when it declares none or cannot take that many)."""
@@ -177,11 +180,13 @@ class MergeMethod:
 
     def call(self, base: Any, tensors: list[Any], kwargs: dict[str, Any], *, generator: Any = None,
              stats: list[dict[str, Any]] | None = None, base_stats: dict[str, Any] | None = None, name: str = "",
-             report: dict[str, Any] | None = None) -> Any:
+             report: dict[str, Any] | None = None, factors: list[Any] | None = None) -> Any:
         """The one way to run the method (the engine's and ``merge_tensors``'): its bound ``kwargs`` plus what
         it declares it takes — a generator when ``random``; the statistics, the tensor's name and, with
         ``reports``, a dict for solver diagnostics when it ``needs`` statistics."""
         kwargs = dict(kwargs)
+        if self.low_rank:
+            kwargs["factors"] = factors
         if self.random:
             kwargs["generator"] = generator
         if self.needs is not None:
@@ -279,7 +284,8 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
              validate: Validator | None = None, reports: bool = False,
              base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
              tuning: Tuning | None = None, heavy: tuple[str, ...] = (),
-             work_copies: tuple[int, int] = (0, 3)) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             work_copies: tuple[int, int] = (0, 3), low_rank: bool = False
+             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
     ``upcast_inputs=False`` is for methods that only combine the other inputs with the compute-dtype
@@ -296,7 +302,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
                                      upcast_inputs, reference, summary, needs, validate, reports, base_needs,
-                                     tuning, heavy, work_copies)
+                                     tuning, heavy, work_copies, low_rank)
         return function
 
     return decorate

@@ -85,6 +85,25 @@ def gram_svd(x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     return u.to(x.dtype), sigma.to(x.dtype), v.mT.to(x.dtype)
 
 
+def factored_svd(left: Tensor, right: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``k`` (default: all) singular triplets (U, S, Vᵀ) of the (m, n) matrix left @ right, whose inner
+    size p is small (a LoRA delta's rank), from QR of both factors in float64: left = Q_l R_l, rightᵀ = Q_r R_r,
+    and the SVD of the (p, p) core R_l R_rᵀ. Exact, and O((m + n)·p²) where ``gram_svd`` of the product costs
+    O(m·n·min(m, n)). Singular values at or below ``gram_svd``'s cut come back as 0 with zero vectors, as there;
+    at most min(k, p) triplets come back."""
+    rows, cols, inner = left.shape[0], right.shape[1], left.shape[1]
+    take = inner if k is None else min(k, inner)
+    if take == 0:
+        return left.new_zeros(rows, 0), left.new_zeros(0), left.new_zeros(0, cols)
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double().T)
+    u_core, sigma, vt_core = torch.linalg.svd(r_left @ r_right.T)
+    live = (sigma > sigma[:1] * _cut(max(rows, cols)))[:take]
+    u = (q_left @ u_core[:, :take]) * live
+    vt = (vt_core[:take] @ q_right.T) * live[:, None]
+    return u.to(left.dtype), (sigma[:take] * live).to(left.dtype), vt.to(left.dtype)
+
+
 def polar(x: Tensor) -> Tensor:
     """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ: the nearest matrix with orthonormal columns (or rows,
     for a wide x) in Frobenius norm, as x (xᵀx)^(-1/2) with the inverse root from ``gram_svd``'s float64
@@ -123,6 +142,25 @@ def tsv_delta(deltas: Tensor) -> Tensor:
     return (polar(u_cat) * s.reshape(1, -1)) @ polar(v_cat)
 
 
+Factors = Sequence[tuple[Tensor, Tensor]]  # per task (left, right), left @ right = Δ_i: adapters over the base
+
+
+def _stacked(factors: Factors) -> tuple[Tensor, Tensor]:
+    """Σ_i Δ_i as one product: [left_1 … left_T] @ [right_1; …; right_T]."""
+    return torch.cat([left for left, _ in factors], dim=1), torch.cat([right for _, right in factors], dim=0)
+
+
+def tsv_delta_factored(factors: Factors, shape: tuple[int, int]) -> Tensor:
+    """``tsv_delta`` from each Δ_i's factors: every Δ_i's top ⌊r/T⌋ triplets by ``factored_svd`` (a LoRA delta
+    has no more than its rank), so that the polar factors are of (out, Σ kept) and (Σ kept, in) matrices."""
+    k = max(1, min(shape) // len(factors))
+    parts = [factored_svd(left, right, k) for left, right in factors]
+    u_cat = torch.cat([u for u, _, _ in parts], dim=1)
+    v_cat = torch.cat([vt for _, _, vt in parts], dim=0)
+    s_cat = torch.cat([s for _, s, _ in parts])
+    return (polar(u_cat) * s_cat.reshape(1, -1)) @ polar(v_cat)
+
+
 def iso_c_delta(deltas: Tensor) -> Tensor:
     """Iso-C (Marczak et al., arXiv:2502.04959): Σ_i Δ_i = U S Vᵀ with its spectrum flattened to the mean
     singular value: Δ = mean(S) · U Vᵀ."""
@@ -130,11 +168,33 @@ def iso_c_delta(deltas: Tensor) -> Tensor:
     return s.mean() * (u @ vt)
 
 
+def iso_c_delta_factored(factors: Factors, shape: tuple[int, int]) -> Tensor:
+    """``iso_c_delta`` from the factors: Σ_i Δ_i's SVD by ``factored_svd`` of the stacked factors, the mean taken
+    over all r = min(out, in) singular values (the ones beyond the sum's rank are 0), as the dense path does."""
+    u, s, vt = factored_svd(*_stacked(factors))
+    return (s.sum() / min(shape)) * (u @ vt)
+
+
 def iso_cts_split(r: int, t: int, common_space_fraction: float) -> tuple[int, int]:
     """(k_common, k_per_task) with k_common + T·k_per_task = r: the common space is ⌊r·fraction⌋ rounded so
     that the rest divides evenly among the T tasks (the reference code's rule), never more than r."""
     per_task = min(round((r - int(r * common_space_fraction)) / t), r // t)
     return r - t * per_task, per_task
+
+
+def _resolved(u: Tensor, s: Tensor, vt: Tensor, scale: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The triplets of a projected task matrix with σ above ``gram_svd``'s cut relative to ``scale``, the task
+    matrix's own norm (per matrix, for a stack), the others zeroed. Projecting the common subspace out of a Δ_i
+    that lies inside it (a low-rank Δ_i, as a LoRA delta is) leaves only rounding noise, whose σ are large only
+    relative to the noise itself: cut against that, they would enter the merge as directions of full weight."""
+    live = s > scale.reshape(*scale.shape, *([1] * (s.dim() - scale.dim()))) * _cut(size)
+    return u * live.unsqueeze(-2), s * live, vt * live.unsqueeze(-1)
+
+
+def _frobenius(left: Tensor, right: Tensor) -> Tensor:
+    """‖left @ right‖_F without forming the product: √tr((leftᵀleft)(right rightᵀ))."""
+    left64, right64 = left.double(), right.double()
+    return ((left64.T @ left64) * (right64 @ right64.T)).sum().clamp_min(0).sqrt().to(left.dtype)
 
 
 def iso_cts_delta(deltas: Tensor, common_space_fraction: float) -> Tensor:
@@ -148,11 +208,29 @@ def iso_cts_delta(deltas: Tensor, common_space_fraction: float) -> Tensor:
         return iso_c_delta(deltas)
     u_c, s_c, vt_c = gram_svd(deltas.sum(0), k_common)
     specific = deltas - u_c @ (u_c.T @ deltas)
-    u_t, s_t, vt_t = gram_svd(specific, per_task)
+    u_t, s_t, vt_t = _resolved(*gram_svd(specific, per_task), deltas.flatten(1).norm(dim=1), max(rows, cols))
     u_all = torch.cat([u_t.transpose(0, 1).reshape(rows, t * per_task), u_c], dim=1)
     v_all = torch.cat([vt_t.reshape(t * per_task, cols), vt_c], dim=0)
     spectrum = torch.cat([s_t.reshape(-1), s_c])
     return spectrum.mean() * (polar(u_all) @ polar(v_all))
+
+
+def iso_cts_delta_factored(factors: Factors, shape: tuple[int, int], common_space_fraction: float) -> Tensor:
+    """``iso_cts_delta`` from the factors: the common subspace from the stacked factors, each task's own
+    directions from (left_i − U_c U_cᵀ left_i) @ right_i, both by ``factored_svd``; the flat spectrum is the
+    sum of the kept singular values over the r slots the dense path averages."""
+    rank_bound = min(shape)
+    k_common, per_task = iso_cts_split(rank_bound, len(factors), common_space_fraction)
+    if per_task == 0:
+        return iso_c_delta_factored(factors, shape)
+    u_c, s_c, vt_c = factored_svd(*_stacked(factors), k_common)
+    size = max(shape)
+    parts = [_resolved(*factored_svd(left - u_c @ (u_c.T @ left), right, per_task), _frobenius(left, right), size)
+             for left, right in factors]
+    u_all = torch.cat([u for u, _, _ in parts] + [u_c], dim=1)
+    v_all = torch.cat([vt for _, _, vt in parts] + [vt_c], dim=0)
+    kept = sum(s.sum() for _, s, _ in parts) + s_c.sum()
+    return (kept / rank_bound) * (polar(u_all) @ polar(v_all))
 
 
 def wudi_system(deltas: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,14 +250,35 @@ def wudi_exact(deltas: Tensor) -> Tensor:
     if not bool((deltas != 0).any()):
         return torch.zeros_like(deltas[0])
     gram_sum, rhs = (m.double() for m in wudi_system(deltas))
+    return _right_solve(gram_sum, rhs).to(deltas.dtype)
+
+
+def _right_solve(gram_sum: Tensor, rhs: Tensor) -> Tensor:
+    """τ with τ·gram_sum = rhs for a symmetric positive semi-definite gram_sum, in float64: Cholesky, or where
+    it is singular the minimum-norm solution by its eigendecomposition."""
     factor, info = torch.linalg.cholesky_ex(gram_sum)
     if int(info) == 0:
-        tau_t = torch.cholesky_solve(rhs.T, factor)
-    else:
-        values, vectors = torch.linalg.eigh(gram_sum)
-        keep = values > values.max() * gram_sum.shape[0] * torch.finfo(torch.float64).eps
-        tau_t = vectors @ (_inverse(values, keep)[:, None] * (vectors.T @ rhs.T))
-    return tau_t.T.to(deltas.dtype)
+        return torch.cholesky_solve(rhs.T, factor).T
+    values, vectors = torch.linalg.eigh(gram_sum)
+    keep = values > values.max() * gram_sum.shape[0] * torch.finfo(torch.float64).eps
+    return (vectors @ (_inverse(values, keep)[:, None] * (vectors.T @ rhs.T))).T
+
+
+def wudi_exact_factored(factors: Factors, shape: tuple[int, int]) -> Tensor:
+    """``wudi_exact`` from the factors. Every Δ_i's rows lie in the span of the stacked right factors, with an
+    orthonormal basis Q (in, K) from their QR; with d_i = Δ_i Q, G_i = Q (d_iᵀd_i / ‖d_i‖²) Qᵀ, so the system
+    shrinks to (K, K) and τ = X Qᵀ — the dense path's minimum-norm solution, without forming an (in, in) Gram."""
+    live = [(left.double(), right.double()) for left, right in factors if left.shape[1] > 0]
+    if not live:
+        return factors[0][0].new_zeros(shape)
+    basis, _ = torch.linalg.qr(torch.cat([right for _, right in live], dim=0).T)
+    projected = [left @ (right @ basis) for left, right in live]
+    projected = [d for d in projected if bool((d != 0).any())]
+    if not projected:
+        return factors[0][0].new_zeros(shape)
+    grams = [d.T @ d / d.pow(2).sum() for d in projected]
+    solution = _right_solve(sum(grams), sum(d @ g for d, g in zip(projected, grams)))
+    return (solution @ basis.T).to(factors[0][0].dtype)
 
 
 def wudi_adam(deltas: Tensor, *, iterations: int, lr: float) -> Tensor:
@@ -199,7 +298,14 @@ def wudi_adam(deltas: Tensor, *, iterations: int, lr: float) -> Tensor:
         return tau.detach()
 
 
-def _merge(base: Tensor, tensors: Sequence[Tensor], alpha: float, matrix_delta) -> Tensor:
+def _merge(base: Tensor, tensors: Sequence[Tensor], alpha: float, matrix_delta, factors: list | None = None,
+           factored_delta=None) -> Tensor:
+    """θ_0 + α·Δ: from each input's delta factors when the engine gives them for every input of a matrix (adapters
+    over this base), else from the task vectors θ_i − θ_0."""
+    if base.dim() == 2 and factors is not None and all(f is not None for f in factors):
+        if all(left.shape[1] == 0 for left, _ in factors):  # no adapter touches this matrix
+            return base.clone()
+        return base + alpha * factored_delta(factors, tuple(base.shape)).to(base.dtype)
     deltas = task_vectors(base, tensors)
     if base.dim() == 2 and not bool(deltas.any()):  # a frozen matrix (an embedding): nothing to decompose
         return base.clone()
@@ -208,28 +314,31 @@ def _merge(base: Tensor, tensors: Sequence[Tensor], alpha: float, matrix_delta) 
 
 
 @register("tsv", params=[ALPHA], work_copies=WORK_COPIES, reference="arXiv:2412.00081",
-          tuning=fixed({"tsv": points(alpha=ALPHA_GRID)}))
-def tsv(base: Tensor, tensors: Sequence[Tensor], *, alpha: float) -> Tensor:
+          tuning=fixed({"tsv": points(alpha=ALPHA_GRID)}), low_rank=True)
+def tsv(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, factors: list | None = None) -> Tensor:
     """Task Singular Vectors (TSV-M): each 2-D Δ_i's top ⌊r/T⌋ singular triplets, their U's and V's
     orthogonalised by polar factors, θ_0 + α U_⊥ diag(S) V_⊥ᵀ (``tsv_delta``); other tensors θ_0 + α·mean Δ_i."""
-    return _merge(base, tensors, alpha, tsv_delta)
+    return _merge(base, tensors, alpha, tsv_delta, factors, tsv_delta_factored)
 
 
 @register("iso_c", params=[ALPHA], work_copies=WORK_COPIES, reference="arXiv:2502.04959",
-          tuning=fixed({"iso_c": points(alpha=ALPHA_GRID)}))
-def iso_c(base: Tensor, tensors: Sequence[Tensor], *, alpha: float) -> Tensor:
+          tuning=fixed({"iso_c": points(alpha=ALPHA_GRID)}), low_rank=True)
+def iso_c(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, factors: list | None = None) -> Tensor:
     """Iso-C: θ_0 + α·mean(S)·U Vᵀ with U S Vᵀ = Σ_i Δ_i for each 2-D tensor (a flat spectrum); other tensors
     θ_0 + α·mean Δ_i."""
-    return _merge(base, tensors, alpha, iso_c_delta)
+    return _merge(base, tensors, alpha, iso_c_delta, factors, iso_c_delta_factored)
 
 
 @register("iso_cts", params=[ALPHA, Param("common_space_fraction", float, 0.8, interval=(0.0, 1.0),
                                           help="share of the rank bound given to Σ Δ_i's common subspace")],
-          reference="arXiv:2502.04959", work_copies=WORK_COPIES, tuning=fixed({"iso_cts": points(alpha=ALPHA_GRID)}))
-def iso_cts(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, common_space_fraction: float) -> Tensor:
+          reference="arXiv:2502.04959", work_copies=WORK_COPIES, tuning=fixed({"iso_cts": points(alpha=ALPHA_GRID)}),
+          low_rank=True)
+def iso_cts(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, common_space_fraction: float,
+            factors: list | None = None) -> Tensor:
     """Iso-CTS: Σ_i Δ_i's top singular vectors (the common subspace) plus each Δ_i's own top directions off
     it, orthogonalised, with a flat spectrum (``iso_cts_delta``); θ_0 + α·that; other tensors θ_0 + α·mean Δ_i."""
-    return _merge(base, tensors, alpha, lambda d: iso_cts_delta(d, common_space_fraction))
+    return _merge(base, tensors, alpha, lambda d: iso_cts_delta(d, common_space_fraction), factors,
+                  lambda f, shape: iso_cts_delta_factored(f, shape, common_space_fraction))
 
 
 @register("wudi", params=[
@@ -241,10 +350,17 @@ def iso_cts(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, common_spa
 ], reference="arXiv:2503.08099", work_copies=WORK_COPIES,
     tuning=fixed({f"wudi[{solver}]": points(solver=[solver], alpha=ALPHA_GRID) for solver in ("exact", "adam")}),
     # 300 Adam steps, each an (out, in)·(in, in) product: minutes for MiniLM on a CPU (its paper runs on a GPU)
-    heavy=("wudi[adam]",))
+    heavy=("wudi[adam]",), low_rank=True)
 def wudi(base: Tensor, tensors: Sequence[Tensor], *, alpha: float, solver: str, iterations: int,
-         lr: float) -> Tensor:
+         lr: float, factors: list | None = None) -> Tensor:
     """WUDI: for each 2-D tensor, τ minimising Σ_i ‖(τ − Δ_i) Δ_iᵀ‖²_F / ‖Δ_i‖²_F, exactly or by the paper's
     Adam descent from Σ_i Δ_i; θ_0 + α τ; other tensors θ_0 + α·mean Δ_i."""
-    solve = wudi_exact if solver == "exact" else lambda d: wudi_adam(d, iterations=iterations, lr=lr)
-    return _merge(base, tensors, alpha, solve)
+    if solver == "exact":
+        return _merge(base, tensors, alpha, wudi_exact, factors, wudi_exact_factored)
+
+    def adam(deltas: Tensor) -> Tensor:
+        return wudi_adam(deltas, iterations=iterations, lr=lr)
+
+    # Adam is not rotation-invariant, so it runs on the exact dense deltas the factors make
+    return _merge(base, tensors, alpha, adam, factors,
+                  lambda f, shape: adam(torch.stack([left @ right for left, right in f])))
