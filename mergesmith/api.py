@@ -13,11 +13,12 @@ import torch
 from mergesmith.architecture import split_layer_name
 from mergesmith.checks import check_device
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.errors import MergeWarning, OutputError, RecipeError, human_size
+from mergesmith.errors import MergeWarning, OutputError, RecipeError, UsageError, human_size
 from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.adapter import adapter_files, open_model, split_adapter_reference
+from mergesmith.io.adapter_writer import AdapterWriter
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
-from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, contained_file, read_json
+from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, TensorSource, contained_file, read_json
 from mergesmith.io.sidecar import StatsReader
 from mergesmith.io.writer import (
     OutputTensor,
@@ -98,8 +99,8 @@ def _check_space(output: Path, needed: int) -> None:
 def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *, device: str = "cpu",
           max_shard_size: str | int = "5GB", overwrite: bool = False, seed: int = 0,
           allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None,
-          on_plan: Callable[[Plan], None] | None = None, on_notice: Callable[[str], None] | None = None
-          ) -> MergeSummary:
+          on_plan: Callable[[Plan], None] | None = None, on_notice: Callable[[str], None] | None = None,
+          adapter_rank: int | None = None) -> MergeSummary:
     """Merge the checkpoints a recipe names into a Hugging Face directory at ``output``.
 
     ``recipe`` is a path to a YAML file, a dict, or a Recipe. Model paths are local (relative paths are
@@ -107,15 +108,21 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     the headers and the sidecars' metadata is checked before the first tensor is read. The directory is
     assembled beside ``output`` and renamed into place only once complete; ``overwrite`` replaces only an
     output a previous merge wrote (docs/recipes.md, "Outputs"). ``on_notice`` hears what the run did on
-    the side (leftovers of a killed run removed).
+    the side (leftovers of a killed run removed). ``adapter_rank`` R writes, instead of a full model, a PEFT LoRA
+    adapter of rank ≤ R holding the merge's difference from the recipe's base_model (``AdapterWriter``).
     """
     recipe, label = _as_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     check_device(device)
     output = Path(output)
     plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite)
+    base = _adapter_base(recipe, plan, adapter_rank) if adapter_rank is not None else None
     if on_plan is not None:
         on_plan(plan)
+    if base is not None:
+        return _merge_to_adapter(recipe, label, plan, base, output, adapter_rank, overwrite=overwrite, device=device,
+                                 seed=seed, allow_nonfinite=allow_nonfinite, on_tensor=on_tensor,
+                                 on_notice=on_notice, tokenizer_dir=tokenizer_dir)
     with atomic_output_dir(output, overwrite, inputs=_protected(recipe, label), log=on_notice) as directory:
         outputs = [OutputTensor(out.name, out.shape, out.out_dtype) for job in plan.jobs for out in job.outputs]
         writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
@@ -137,6 +144,77 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
         files += _write_kept_heads(plan, directory)
     summary.output, summary.files = str(output), files
     return summary
+
+
+def _adapter_base(recipe: Recipe, plan: Plan, rank: int) -> TensorSource:
+    """The base an output adapter is the difference from: the recipe's base_model, checked at plan time."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"--rank {rank}: an adapter's rank is a whole number of at least 1")
+    if recipe.base_model is None:
+        raise UsageError("--output-adapter: the recipe has no base_model, and an adapter is the merge's difference "
+                         "from one; add base_model: BASE to the recipe")
+    if plan.kept_heads:
+        raise UsageError("--output-adapter with heads: each: an adapter holds one model, not a head per model; use "
+                         "heads: base or merge")
+    return next((s for s in plan.sources if s.name == recipe.base_model), None) or open_model(recipe.base_model)
+
+
+def _merge_to_adapter(recipe: Recipe, label: str, plan: Plan, base: TensorSource, output: Path, rank: int, *,
+                      overwrite: bool, device: str, seed: int, allow_nonfinite: bool,
+                      on_tensor: Callable[[Job], None] | None, on_notice: Callable[[str], None] | None,
+                      tokenizer_dir: Path | None) -> MergeSummary:
+    """``merge`` with ``adapter_rank``: every output tensor is computed in float32 and handed to an
+    ``AdapterWriter``, which keeps the factors of its difference from ``base``."""
+    for job in plan.jobs:  # the delta is taken from the float32 result, before any rounding to the output dtype
+        for out in job.outputs:
+            if out.out_dtype.is_floating_point:
+                out.out_dtype = torch.float32
+    config = base.config() if hasattr(base, "config") else None
+    architectures = (config or {}).get("architectures") or []
+    task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
+    base_path = Path(recipe.base_model).expanduser().absolute()
+    with atomic_output_dir(output, overwrite, inputs=_protected(recipe, label), log=on_notice) as directory:
+        writer = AdapterWriter(directory, base, rank, str(base_path), recipe.output_dtype, task_type)
+        summary = execute(plan, writer.add, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+                          on_tensor=on_tensor)
+        files = writer.close()
+        copy_tokenizer(tokenizer_dir, directory)
+        models = sorted({s.name for s in plan.sources} - {recipe.base_model})
+        options = {"output_adapter": True, "rank": rank}
+        write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name,
+                         base_model=recipe.base_model, models=models, library_name="peft",
+                         reproduce=reproduction(recipe, plan, seed=seed, device=device,
+                                                allow_nonfinite=allow_nonfinite, extra=options),
+                         notes=adapter_card(writer))
+    summary.output, summary.files = str(output), files
+    summary.bytes_written = (output / files[0]).stat().st_size
+    summary.adapter = {"rank": rank, "modules": len(writer.errors), "overall_error": writer.overall_error(),
+                       "worst": writer.summary()}
+    return summary
+
+
+def adapter_card(writer: AdapterWriter) -> list[str]:
+    """The model card's account of what the rank cut: the error overall and of the worst modules."""
+    lines = ["## Adapter", "", f"A PEFT LoRA adapter of rank ≤ {writer.rank} over the base, one module per changed "
+             f"matrix ({len(writer.errors)} modules). Load it with `peft.PeftModel.from_pretrained(base, "
+             f"directory)`.", "", f"Relative Frobenius error of the merged delta, ‖D − B A‖ / ‖D‖: "
+             f"{writer.overall_error():.3e} overall; the worst modules:", "", "| module | rank | error |",
+             "|---|---|---|"]
+    lines += [f"| `{module}` | {r} | {error:.3e} |" for module, r, error in writer.summary()]
+    return lines + [""]
+
+
+def extract_lora(finetune: str | Path, base: str | Path, output: str | Path, *, rank: int, overwrite: bool = False,
+                 dtype: str | None = None, device: str = "cpu",
+                 on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
+    """A PEFT LoRA adapter of rank ≤ ``rank`` holding one full fine-tune's difference from its base (what
+    mergekit-extract-lora does): the merge θ_0 + 1·(θ − θ_0), written with ``adapter_rank``."""
+    recipe: dict[str, Any] = {"merge_method": "task_arithmetic", "base_model": str(base),
+                              "models": [{"model": str(finetune), "parameters": {"weight": 1.0}}],
+                              "parameters": {"lambda": 1.0}}
+    if dtype is not None:
+        recipe["dtype"] = dtype
+    return merge(recipe, output, overwrite=overwrite, device=device, adapter_rank=rank, on_tensor=on_tensor)
 
 
 def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | None]:
@@ -186,7 +264,8 @@ def _output_dtype(plan: Plan) -> Any:
     return next((job.out_dtype for job in plan.jobs if job.out_dtype.is_floating_point), None)
 
 
-def reproduction(recipe: Recipe, plan: Plan, *, seed: int, device: str, allow_nonfinite: bool) -> dict[str, Any]:
+def reproduction(recipe: Recipe, plan: Plan, *, seed: int, device: str, allow_nonfinite: bool,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the model card records to redo this merge bit for bit: the command's options, the versions
     that compute it, and the defaults of every method parameter the recipe leaves unset."""
     from importlib.metadata import PackageNotFoundError, version
@@ -199,7 +278,8 @@ def reproduction(recipe: Recipe, plan: Plan, *, seed: int, device: str, allow_no
 
     written = {name for _, params in recipe.parameter_scopes() for name in params}
     defaults = {p.name: p.default for p in plan.method.params if p.name not in written and p.default is not REQUIRED}
-    options = {"seed": seed, "device": device, **({"allow_nonfinite": True} if allow_nonfinite else {})}
+    options = {"seed": seed, "device": device, **({"allow_nonfinite": True} if allow_nonfinite else {}),
+               **(extra or {})}
     return {"options": options, "defaults": defaults,
             "versions": {p: installed(p) for p in ("mergesmith", "torch", "safetensors")}}
 

@@ -84,10 +84,16 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
                                        "methods, bytes, peak memory) without reading a tensor or writing."),
           allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge weights that hold NaN or "
                                                "infinite values (an error by default)."),
-          quiet: bool = typer.Option(False, help="No progress bar or summary.")) -> None:
-    """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory)."""
+          quiet: bool = typer.Option(False, help="No progress bar or summary."),
+          output_adapter: bool = typer.Option(False, "--output-adapter", help="Write a PEFT LoRA adapter of the "
+                                              "merge's difference from the recipe's base_model instead of a full "
+                                              "model (needs --rank)."),
+          rank: int = typer.Option(None, "--rank", help="The output adapter's rank: each changed matrix's delta "
+                                   "is cut to its top RANK singular directions.")) -> None:
+    """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory, or a PEFT adapter)."""
     from mergesmith.api import merge as run_merge
 
+    _check_rank(output_adapter, rank)
     if dry_run:
         _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size)
         return
@@ -105,26 +111,66 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
         summary = run_merge(recipe, output, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
                             seed=seed, allow_nonfinite=allow_nonfinite, on_plan=planned,
                             on_tensor=lambda job: progress.update(task, advance=1, name=job.name),
-                            on_notice=lambda line: _show_warning(line, MergeWarning, "", 0))
+                            on_notice=lambda line: _show_warning(line, MergeWarning, "", 0),
+                            adapter_rank=rank if output_adapter else None)
     finally:
         progress.stop()
-    if quiet:
-        return
+    if not quiet:
+        _print_summary(summary)
+
+
+def _check_rank(output_adapter: bool, rank: int | None) -> None:
+    if output_adapter and rank is None:
+        raise UsageError("--output-adapter needs --rank R, the adapter's rank (e.g. --rank 16)")
+    if rank is not None and not output_adapter:
+        raise UsageError("--rank is the rank of an output adapter: add --output-adapter, or drop --rank to write a "
+                         "full model")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank}: an adapter's rank is at least 1")
+
+
+def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("method", summary.method)
     table.add_row("models", ", ".join(summary.models))
     table.add_row("tensors", str(summary.tensors))
-    table.add_row("read / written", f"{human_size(summary.bytes_read)} / {human_size(summary.bytes_written)} "
-                  f"in {len(summary.files)} shard(s)")
+    held = f"in {len(summary.files)} shard(s)" if summary.adapter is None else "as one adapter"
+    table.add_row("read / written", f"{human_size(summary.bytes_read)} / {human_size(summary.bytes_written)} {held}")
     table.add_row("wall time", f"{summary.seconds:.2f} s")
     table.add_row("peak memory", human_size(summary.peak_rss_bytes))
     if summary.fallback:
         shown = ", ".join(summary.fallback[:3]) + (", ..." if len(summary.fallback) > 3 else "")
         table.add_row("without statistics", f"{len(summary.fallback)} tensors took the method's fallback ({shown})")
+    if summary.adapter is not None:
+        worst = summary.adapter["worst"]
+        shown = ", ".join(f"{m} {e:.1e}" for m, _, e in worst[:3])
+        table.add_row("adapter", f"rank ≤ {summary.adapter['rank']}, {summary.adapter['modules']} modules; relative "
+                      f"error of the delta {summary.adapter['overall_error']:.2e} overall"
+                      + (f", worst {shown}" if worst else ""))
     table.add_row("output", summary.output)
     console.print(table)
     if summary.solver:
         console.print(solver_table(summary.solver))
+
+
+@app.command("extract-lora")
+def extract_lora(finetune: Path = typer.Argument(..., metavar="FINETUNE", help="The full fine-tune (a Hugging Face "
+                                                 "model directory)."),
+                 base: Path = typer.Argument(..., metavar="BASE", help="The model it was fine-tuned from."),
+                 output: Path = typer.Option(..., "-o", "--output", help="Adapter directory to write."),
+                 rank: int = typer.Option(..., "--rank", help="The adapter's rank: each changed matrix's delta is "
+                                          "cut to its top RANK singular directions."),
+                 dtype: str = typer.Option(None, help="The factors' dtype (default: the base's)."),
+                 overwrite: bool = typer.Option(False, help="Replace OUTPUT if mergesmith wrote it."),
+                 device: str = typer.Option("cpu", help="Where the arithmetic runs: cpu, cuda, cuda:1."),
+                 quiet: bool = typer.Option(False, help="No summary.")) -> None:
+    """Write FINETUNE's difference from BASE as a PEFT LoRA adapter of rank RANK (mergekit-extract-lora's job)."""
+    from mergesmith.api import extract_lora as run_extract
+
+    _check_rank(True, rank)
+    summary = run_extract(finetune, base, output, rank=rank, overwrite=overwrite, dtype=dtype, device=device)
+    if not quiet:
+        _print_summary(summary)
 
 
 def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str) -> None:
@@ -213,7 +259,10 @@ def demo(suite: str = typer.Option("vision", help="vision (a small ConvNext on s
 
 
 @app.command()
-def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Hugging Face model directory."),
+def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Hugging Face model directory, a PEFT "
+                                         "LoRA adapter directory, or BASE+ADAPTER."),
+            base: Path = typer.Option(None, "--base", help="An adapter's base model (default: the adapter's "
+                                      "base_model_name_or_path)."),
             data: Path = typer.Option(..., "--data", help="JSONL, CSV, text (one example per line), parquet, "
                                       "or a saved `datasets` directory; for image-cls each row's pixel_values "
                                       "field holds the image as [channels][height][width] numbers."),
@@ -270,7 +319,7 @@ def measure(model: Path = typer.Argument(..., metavar="MODEL", help="Local Huggi
             task=task, text_field=text_field, label_field=label_field, max_length=max_length, batch_size=batch_size,
             max_examples=max_examples, seed=seed, device=device, fisher=fisher, samples=samples,
             exclude=exclude or [], max_factor_size=max_factor_size, trust_remote_code=trust_remote_code,
-            progress=advance)
+            progress=advance, base=base)
     finally:
         progress.stop()
     stats = run.statistics

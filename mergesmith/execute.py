@@ -35,6 +35,7 @@ class MergeSummary:
     files: list[str] = field(default_factory=list)
     solver: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block: CG iterations and residuals
     fallback: list[str] = field(default_factory=list)  # tensors merged by the fallback, without statistics
+    adapter: dict[str, Any] | None = None  # an adapter output: its rank, modules and truncation errors
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,

@@ -1,7 +1,7 @@
 """The quality benchmark: fine-tune, measure, merge with every registered method, score, report.
 
     python benchmarks/quality/run.py                 # both suites, 3 seeds: results/<suite>.{json,md,png}
-    python benchmarks/quality/run.py --suite vision  # one suite
+    python benchmarks/quality/run.py --suite vision  # one suite (text-lora: LoRA fine-tunes; not in "all")
     python benchmarks/quality/run.py --quick         # the CI smoke test: 1 seed, 1 grid point, few examples
     python benchmarks/quality/run.py --report        # rebuild the .md and .png files from the committed JSON
     python benchmarks/quality/run.py --suite text --methods tsv wudi --workdir W  # add or redo some rows only
@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mergesmith.quality import SUITES, claim, combine, run_suite
+    from mergesmith.quality import DEFAULT_SUITES, SUITES, claim, combine, run_suite
     from mergesmith.quality.report import summary_table, write
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these methods or rows, put into the results already in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 2, or 1 on a busy machine)")
     args = parser.parse_args(argv)
-    suites = SUITES if args.suite == "all" else (args.suite,)
+    suites = DEFAULT_SUITES if args.suite == "all" else (args.suite,)
     if args.report:
         everything = [json.loads(((args.out or RESULTS) / f"{suite}.json").read_text()) for suite in suites]
         for results in everything:

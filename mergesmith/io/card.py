@@ -59,7 +59,7 @@ def copy_tokenizer(source_dir: Path | None, output: Path) -> list[str]:
 
 def write_model_card(output: Path, *, recipe_yaml: str, method: str, base_model: str | None,
                      models: list[str], library_name: str | None = "transformers",
-                     reproduce: dict | None = None) -> None:
+                     reproduce: dict | None = None, notes: list[str] | None = None) -> None:
     """README.md with Hugging Face front matter, the exact recipe and, in ``reproduce``, what else the merge
     depended on: the command's options (the seed of random methods), the defaults the recipe left unset,
     and the versions that computed it."""
@@ -73,7 +73,7 @@ def write_model_card(output: Path, *, recipe_yaml: str, method: str, base_model:
              f"`{method}` method.", ""]
     if base_model:
         lines += [f"Base model: `{base_model}`", ""]
-    lines += ["Models merged:", "", *[f"- `{m}`" for m in models], "", "## Recipe", "", "```yaml",
+    lines += ["Models merged:", "", *[f"- `{m}`" for m in models], "", *(notes or []), "## Recipe", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
     if reproduce:
         options = reproduce.get("options", {})

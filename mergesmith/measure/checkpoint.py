@@ -19,10 +19,13 @@ import torch
 
 from mergesmith.checks import check_device
 from mergesmith.errors import MergeWarning, UsageError, did_you_mean
+from mergesmith.io.adapter import AdapterSource, adapter_files, open_adapter
 from mergesmith.measure import Statistics, check_kinds, classifier_fisher_labels, examples_in, hf, measure
 from mergesmith.measure.data import load_examples
 from mergesmith.measure.hf import (
     CLASSIFIER_TASKS,
+    TOKENIZER_FILES,
+    adapter_head,
     batches,
     causal_lm_fisher_labels,
     causal_lm_log_likelihood,
@@ -60,14 +63,20 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
                        max_examples: int | None = None, seed: int = 0, device: str = "cpu",
                        fisher: str = "empirical", samples: int = 1, exclude: Iterable[str] = (),
                        max_factor_size: str | int | None = "1x", trust_remote_code: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> MeasureRun:
+                       progress: Callable[[int, int], None] | None = None, base: str | Path | None = None
+                       ) -> MeasureRun:
     """Measure ``kinds`` (fisher, gram, kfac) of the model directory ``model`` on ``data``: a data file
     (JSONL, CSV, text, parquet, a saved ``datasets`` directory; docs/statistics.md) or a list of examples
     ``{"text": ..., "label": ...}`` (``{"pixel_values": [channels][height][width] numbers or a tensor,
     "label": ...}`` for ``task="image-cls"``, whose data files hold a ``pixel_values`` field). ``progress(done,
     total)`` hears each batch. The options mean what ``mergesmith measure --help`` says; save with
-    ``run.statistics.save(directory)``."""
-    model = Path(model)
+    ``run.statistics.save(directory)``.
+
+    ``model`` may be a PEFT LoRA adapter directory (over ``base``, else the base its config records) or
+    ``BASE+ADAPTER``: the model measured is base + adapter, and the sidecar is keyed by the base's parameter
+    names, as a merge of the adapter reads it."""
+    adapter = _adapter(model, base)
+    model = Path(model) if adapter is None else Path(adapter.base.path)
     kinds = check_kinds(list(kinds))
     if task is not None:
         check_task(task)
@@ -86,6 +95,8 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
     compile_excludes(excludes)
     check_device(device)
     config = read_config(model, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        config = {**config, **adapter_head(adapter, config)}
     task = task or infer_task(model, config)
     if fisher == "exact" and task == "causal-lm":
         raise UsageError("--fisher exact is intractable for causal-lm (an expectation over vocabulary^length label "
@@ -111,12 +122,13 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
         if task == "image-cls":  # pixels as given: no tokenizer
             examples, tokenizer = check_images(examples, config, where), None
         else:
-            tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(_tokenizer_dir(adapter, model), trust_remote_code=trust_remote_code)
             length = check_tokens(examples, tokenizer, config, task=task, max_length=max_length,
                                   batch_size=batch_size, model_dir=model, data=where)
         share = examples[rank::world]  # under torchrun: each rank its share
         # through the module: the one seam where tests put a model transformers cannot build
-        network, tokenizer = hf.load_model(model, task, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+        network, tokenizer = hf.load_model(model, task, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                                           adapter=adapter)
         if world > 1 and device.startswith("cuda"):  # under torchrun: one GPU per rank
             device = f"cuda:{rank % torch.cuda.device_count()}"
         network.to(device)
@@ -137,6 +149,24 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
                              kinds=kinds, fisher_labels=labels, fisher_variant=fisher, exclude=excludes,
                              max_factor_size=budget)
     return MeasureRun(statistics, len(examples), list(kinds), rank, world)
+
+
+def _adapter(model: str | Path, base: str | Path | None) -> AdapterSource | None:
+    """base + adapter when ``model`` names an adapter (a directory, or BASE+ADAPTER), else None."""
+    found = adapter_files(str(model))
+    if found is None:
+        if base is not None:
+            raise UsageError(f"--base {base}: {model} is a full model, not a LoRA adapter; --base is for adapters")
+        return None
+    adapter, recorded = found
+    return open_adapter(adapter, recorded or base, str(model))
+
+
+def _tokenizer_dir(adapter: AdapterSource | None, model: Path) -> Path:
+    """The adapter's own tokenizer when it was saved with one (a fine-tune may add tokens), else the base's."""
+    if adapter is not None and any((adapter.adapter.path / name).is_file() for name in TOKENIZER_FILES):
+        return adapter.adapter.path
+    return model
 
 
 def _counted(stream: Iterable[dict[str, Any]], total: int, progress: Callable[[int, int], None] | None):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from mergesmith.architecture import HEAD_PREFIXES
 from mergesmith.errors import CheckpointError, DataError, MergeWarning, UsageError, did_you_mean
 
 if TYPE_CHECKING:
@@ -128,10 +129,12 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False) -> nn.Module:
+def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False, adapter: Any = None) -> nn.Module:
     """The model (float32, eval mode) from local files only. Its weight files are checked first (headers,
     index entries inside the directory, pickles only with weights_only); a checkpoint that lacks a tensor the
-    architecture needs, or holds one of another shape, is refused rather than filled with random values."""
+    architecture needs, or holds one of another shape, is refused rather than filled with random values.
+    With ``adapter`` (an ``AdapterSource`` over ``model_dir``), the model is base + adapter: every tensor the
+    adapter changes or adds is its value, read as a merge reads it."""
     from safetensors import SafetensorError
     from transformers import (
         AutoModelForCausalLM,
@@ -146,20 +149,23 @@ def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False)
     CheckpointReader(model_dir, name=str(model_dir))  # every weight file checked before transformers reads one
     auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification,
             "image-cls": AutoModelForImageClassification}[check_task(task)]
+    changed = adapter_tensors(adapter)
+    extra = adapter_head(adapter, read_config(model_dir, trust_remote_code=trust_remote_code)) if adapter else {}
     try:
         model, info = auto.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code,
                                            dtype=torch.float32, output_loading_info=True,
-                                           ignore_mismatched_sizes=True)
+                                           ignore_mismatched_sizes=True, **extra)
     except SafetensorError as e:  # a damaged file the header check above did not see
         raise CheckpointError(f"{model_dir}: cannot read its weights ({e}); re-download or re-convert the "
                               f"model") from None
-    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda entry: str(entry[0]))
+    mismatched = sorted((e for e in info.get("mismatched_keys") or [] if e[0] not in changed),
+                        key=lambda entry: str(entry[0]))
     if mismatched:
         key, stored, expected = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         raise CheckpointError(f"{model_dir}: '{key}' has shape {tuple(stored)} but config.json's architecture "
                               f"needs {tuple(expected)}{more}; the config and the weights are of different models")
-    missing = sorted(info.get("missing_keys") or [])
+    missing = sorted(k for k in info.get("missing_keys") or [] if k not in changed)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         hint = {"seq-cls": " (a causal LM's checkpoint has no classifier: pass --task causal-lm)",
@@ -167,16 +173,51 @@ def load_network(model_dir: Path, task: str, *, trust_remote_code: bool = False)
                              "classifier)"}.get(task, "")
         raise CheckpointError(f"{model_dir}: the weights lack '{missing[0]}'{more}, which the {task} model needs"
                               f"{hint}; measuring would use random values for it")
+    if changed:
+        _load_adapter(model, adapter, changed)
     return model.eval()
 
 
+def adapter_head(adapter: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The config entries an adapter's own head changes: ``num_labels`` when it replaces the base's classifier
+    (peft's modules_to_save) by one of another size, or adds one to a base without it."""
+    for key in adapter.replaced:
+        if key.split(".", 1)[0] in HEAD_PREFIXES and key.endswith(".weight") and len(adapter.shape(key)) == 2:
+            classes = adapter.shape(key)[0]
+            if classes != (len(config.get("id2label") or {}) or config.get("num_labels") or 2):
+                return {"num_labels": classes, "id2label": {str(i): f"LABEL_{i}" for i in range(classes)}}
+    return {}
+
+
+def adapter_tensors(adapter: Any) -> set[str]:
+    """The tensors an adapter changes or adds (none without one)."""
+    return set(adapter.modules) | set(adapter.replaced) if adapter is not None else set()
+
+
+def _load_adapter(model: nn.Module, adapter: Any, changed: set[str]) -> None:
+    """Put base + adapter into ``model``: each changed tensor as ``AdapterSource.get`` reads it, so that the
+    sidecar's weight fingerprints are those a merge of the adapter checks."""
+    state = model.state_dict()
+    unknown = sorted(changed - set(state))
+    if unknown:
+        raise CheckpointError(f"adapter {adapter.name}: it changes '{unknown[0]}', which the model built from "
+                              f"{adapter.base.name}'s config.json does not have; is this adapter for another model?")
+    with torch.no_grad():
+        for key in sorted(changed):
+            value = adapter.get(key)
+            if tuple(value.shape) != tuple(state[key].shape):
+                raise CheckpointError(f"adapter {adapter.name}: '{key}' has shape {tuple(value.shape)}, the model "
+                                      f"needs {tuple(state[key].shape)}")
+            state[key].copy_(value)
+
+
 def load_model(model_dir: Path, task: str, *, trust_remote_code: bool = False,
-               tokenizer: Any = None) -> tuple[nn.Module, Any]:
+               tokenizer: Any = None, adapter: Any = None) -> tuple[nn.Module, Any]:
     """The model (float32, eval mode) and its tokenizer (``tokenizer`` when one was loaded already; None for
     image-cls, which needs none), from local files only."""
     if tokenizer is None and task in TEXT_TASKS:
         tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    return load_network(model_dir, task, trust_remote_code=trust_remote_code), tokenizer
+    return load_network(model_dir, task, trust_remote_code=trust_remote_code, adapter=adapter), tokenizer
 
 
 def model_max_length(config: dict[str, Any], tokenizer: Any) -> tuple[int | None, str]:

@@ -15,6 +15,11 @@ fine-tuning seed):
 4. every method variant with a tuning grid in the registry is merged at each grid point with
    ``mergesmith.merge`` (``heads: each``), the point with the best mean normalised validation accuracy is
    kept, and its test accuracy is reported. Normalised accuracy is accuracy ÷ the task's own fine-tune's.
+
+A suite with ``LORA = {...}`` (``peft.LoraConfig`` options) fine-tunes PEFT LoRA adapters instead of whole
+bodies: each task's head is saved inside its adapter (``modules_to_save``, frozen), the multitask reference is
+one adapter of the same settings, statistics are measured on the adapter directories, and the recipes merge the
+adapter directories over the start (``base_model``).
 """
 
 from __future__ import annotations
@@ -211,9 +216,10 @@ def train_body(model: nn.Module, suite: ModuleType, tasks: list[Task], heads: di
     """AdamW on the body for ``steps`` steps, cycling through ``tasks`` (one task: a fine-tune; all: the
     multitask reference); every head stays frozen."""
     torch.manual_seed(seed)  # dropout masks
-    frozen = set(getattr(suite, "FROZEN", ()))
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name not in frozen and not name.startswith("classifier."))
+    if getattr(suite, "LORA", None) is None:  # a LoRA model trains what lora_model left trainable
+        frozen = set(getattr(suite, "FROZEN", ()))
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name not in frozen and not name.startswith("classifier."))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=weight_decay)
     rng = random.Random(seed)
@@ -243,6 +249,51 @@ def save_with_head(model: nn.Module, task: Task, head: Head, base: Path, out: Pa
         model.classifier.bias.copy_(head.bias)
     model.save_pretrained(out)
     copy_tokenizer(base, out)
+
+
+# ---- LoRA fine-tunes (a suite's LORA) ----------------------------------------------------------------------
+
+def lora_model(suite: ModuleType, model: nn.Module, head: Head | None, seed: int) -> nn.Module:
+    """``model`` wrapped in a fresh PEFT LoRA adapter with the suite's ``LORA`` settings; with ``head``, the
+    classifier is set to it and saved inside the adapter (``modules_to_save``) but stays frozen. Only the LoRA
+    factors train."""
+    from peft import LoraConfig, get_peft_model
+
+    if head is not None:
+        with torch.no_grad():
+            model.classifier.weight.copy_(head.weight)
+            model.classifier.bias.copy_(head.bias)
+    torch.manual_seed(seed)  # the A factors' initialisation
+    config = LoraConfig(**suite.LORA, **({"modules_to_save": ["classifier"]} if head is not None else {}))
+    wrapped = get_peft_model(model, config)
+    for name, parameter in wrapped.named_parameters():
+        if ".lora_" not in name:
+            parameter.requires_grad_(False)
+    return wrapped
+
+
+def save_adapter(model: nn.Module, task: Task | None, base: Path, out: Path) -> None:
+    """Save a LoRA fine-tune as a PEFT adapter directory over ``base`` (recorded as its base_model_name_or_path),
+    with the base's tokenizer; with ``task``, the config's label space is the task's."""
+    if task is not None:
+        config = model.base_model.model.config
+        config.num_labels = task.num_labels
+        config.id2label = dict(enumerate(task.labels))
+        config.label2id = {label: i for i, label in enumerate(task.labels)}
+    model.peft_config["default"].base_model_name_or_path = str(base.resolve())
+    model.save_pretrained(out)
+    copy_tokenizer(base, out)
+
+
+def load_fine_tune(suite: ModuleType, directory: Path, base: Path, num_labels: int | None = None) -> nn.Module:
+    """A fine-tune (or the multitask model) for scoring: the saved model, or for a LoRA suite base + adapter
+    merged into one model (the adapter's classifier, when it saved one, replaces the base's)."""
+    if getattr(suite, "LORA", None) is None:
+        return load(directory)
+    from peft import PeftModel
+
+    options = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels is not None else {}
+    return PeftModel.from_pretrained(load(base, **options), directory).merge_and_unload().eval()
 
 
 # ---- one seed ---------------------------------------------------------------------------------------------
@@ -289,6 +340,9 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
     stats_examples = measure_options.pop("examples")
     settings = {"seed": seed, "quick": quick, "train": train, "measure": measure_options,
                 "stats_examples": stats_examples, "suite": suite.NAME}
+    lora = getattr(suite, "LORA", None)
+    if lora is not None:  # only then: the stamps of whole-body suites stay as they were
+        settings["lora"] = lora
 
     start = load(base)
     kind = "linear probes" if getattr(suite, "HEADS", "probe") == "probe" else "random heads"
@@ -309,14 +363,19 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             with progress(f"seed {seed}: fine-tuning on {task.name} ({train['steps']} steps)"):
                 _fresh(out)
                 model = load(base, num_labels=task.num_labels, ignore_mismatched_sizes=True)
+                if lora is not None:
+                    model = lora_model(suite, model, heads[task.name], seed)
                 train_body(model, suite, [task], heads, seed=seed, **train)
-                save_with_head(model, task, heads[task.name], base, out)
+                if lora is not None:
+                    save_adapter(model, task, base, out)
+                else:
+                    save_with_head(model, task, heads[task.name], base, out)
                 _stamp(out, settings)
         finetunes[task.name] = out
     result.fine_tune_seconds = time.perf_counter() - t0
     result.test["individual"] = {}
     for task in tasks:
-        model = load(finetunes[task.name])
+        model = load_fine_tune(suite, finetunes[task.name], base, task.num_labels)
         result.test["individual"][task.name] = accuracy(model, heads[task.name], suite, task.test)
         own_val[task.name] = accuracy(model, heads[task.name], suite, task.val)
     # a fine-tune that does not beat its start stops a smoke test; a full run goes on and says so in its report
@@ -335,11 +394,16 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
         with progress(f"seed {seed}: multitask reference ({steps} steps over all tasks)"):
             _fresh(multitask)
             model = load(base)
+            if lora is not None:  # one adapter for every task; the heads stay outside it
+                model = lora_model(suite, model, None, seed)
             train_body(model, suite, tasks, heads, seed=seed, **{**train, "steps": steps})
-            model.save_pretrained(multitask)
+            if lora is not None:
+                save_adapter(model, None, base, multitask)
+            else:
+                model.save_pretrained(multitask)
             _stamp(multitask, settings)
     result.multitask_seconds = time.perf_counter() - t0
-    model = load(multitask)
+    model = load_fine_tune(suite, multitask, base)
     result.test["multitask"] = {t.name: accuracy(model, heads[t.name], suite, t.test) for t in tasks}
 
     sidecars: dict[str, Path] = {}
@@ -351,7 +415,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                           f"examples"):
                 _fresh(out)
                 run = mergesmith.measure_checkpoint(finetunes[task.name], task.train[:stats_examples], kinds=KINDS,
-                                                    **measure_options)
+                                                    **measure_options, **({"base": base} if lora else {}))
                 run.statistics.save(out)
                 _stamp(out, settings)
         sidecars[task.name] = out
