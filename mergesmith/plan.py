@@ -18,6 +18,7 @@ import torch
 from mergesmith.architecture import EMBEDDING_HINTS, HEAD_PREFIXES, is_head, split_layer_name
 from mergesmith.config import Recipe, resolve
 from mergesmith.errors import CheckpointError, MergeWarning, RecipeError, StatisticsError
+from mergesmith.io.adapter import adapter_files
 from mergesmith.io.checkpoint import TensorSource
 from mergesmith.io.sidecar import KINDS, weights_fingerprint
 from mergesmith.methods import MergeMethod, get_method
@@ -345,7 +346,8 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
         raise RecipeError(f"recipe: method '{method.name}' needs a base_model")
     check_recipe_values(recipe, method)
     listed = {m.model for m in recipe.models or []} | {src.model for out in recipe.slices or [] for src in out.sources}
-    if not uses_base and recipe.base_model is not None and recipe.base_model not in listed:
+    serves_adapters = any(adapter_files(model) for model in listed)  # the adapters' base, merged or not
+    if not uses_base and recipe.base_model is not None and recipe.base_model not in listed and not serves_adapters:
         warnings.warn(MergeWarning(f"'{method.name}' does not use a base model: base_model '{recipe.base_model}' "
                                    f"is neither read nor merged (list it under models to merge it)"), stacklevel=2)
     slices = _normalised_slices(recipe, uses_base)

@@ -78,19 +78,20 @@ def make_adapters(cfg: dict, base: Path, args: argparse.Namespace) -> dict[str, 
 
 
 def peft_check(cfg: dict, adapter: Path, args: argparse.Namespace) -> dict:
-    """Load one adapter with peft.PeftModel.from_pretrained on a LlamaForCausalLM built from the base's config (on
-    the meta device: no base weights are made) and check that peft placed every saved factor, unchanged."""
+    """Load one adapter with peft.PeftModel.from_pretrained on a LlamaForCausalLM built from the base's config (made
+    on the meta device, then given uninitialised bf16 storage: no random init) and check that peft placed every saved
+    factor, unchanged, with the scaling the config implies."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model = PeftModel.from_pretrained(model, str(adapter), low_cpu_mem_usage=True)
-    loaded = {k.replace(".default.", "."): v for k, v in model.state_dict().items() if ".lora_" in k}
+        model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16)
+    model = PeftModel.from_pretrained(model.to_empty(device="cpu"), str(adapter))
+    loaded = {k.replace(".default.", "."): v.cpu() for k, v in model.state_dict().items() if ".lora_" in k}
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         saved = {k: f.get_tensor(k) for k in f.keys()}
     assert sorted(loaded) == sorted(saved), "peft's LoRA parameters are not the saved ones"
-    assert all(torch.equal(loaded[k].cpu(), v) for k, v in saved.items()), "peft loaded other values"
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in saved.items()), "peft loaded other values"
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     scaling = layer.scaling["default"]
     assert scaling == args.alpha / args.rank, scaling
