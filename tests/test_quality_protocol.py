@@ -224,3 +224,49 @@ def test_only_the_named_methods_or_rows_are_run():
         r.label for r in rows if r.label in ("mats[kfac]", "ties")]
     with pytest.raises(UsageError, match="'tsvv'"):
         select(rows, ["tsvv"])
+
+
+def test_a_lora_suite_trains_only_the_factors_and_keeps_its_frozen_head_in_the_adapter(tmp_path):
+    """A suite's LORA: the fine-tune is a PEFT adapter whose LoRA factors alone train, its head frozen, equal to
+    the task's head and saved in the adapter; scored as base + adapter; a merge of such adapters keeps each head."""
+    import types
+
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import mergesmith
+    from mergesmith.quality.tasks import Task
+
+    torch.manual_seed(0)
+    base = tmp_path / "start"
+    BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=32, vocab_size=50, num_labels=2)).save_pretrained(base)
+    suite = types.SimpleNamespace(NAME="toy-lora", LORA={"r": 2, "lora_alpha": 4, "target_modules": [
+        "query", "key", "value", "dense"]}, inputs=lambda batch: {"input_ids": torch.tensor([e["ids"] for e in batch])})
+    examples = [{"ids": [int(i) for i in torch.randint(0, 50, (5,))], "label": i % 3} for i in range(12)]
+    adapters, heads = {}, {}
+    for seed, name in enumerate(("a", "b")):
+        task = Task(name, ("x", "y", "z"), examples, examples, examples)
+        heads[name] = protocol.Head(torch.randn(3, 16), torch.randn(3))
+        model = protocol.lora_model(suite, protocol.load(base, num_labels=3, ignore_mismatched_sizes=True),
+                                    heads[name], seed)
+        protocol.train_body(model, suite, [task], heads, steps=3, lr=1e-2, batch_size=4, weight_decay=0.0, seed=seed)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+        assert any(".lora_B." in n and bool(p.detach().abs().sum() > 0) for n, p in model.named_parameters())
+        adapters[name] = tmp_path / f"ft-{name}"
+        protocol.save_adapter(model, base, adapters[name])
+        saved = load_file(str(adapters[name] / "adapter_model.safetensors"))
+        for key, value in heads[name].tensors().items():
+            assert torch.equal(saved[f"base_model.model.{key}"], value)
+        batch = suite.inputs(examples[:4])
+        with torch.no_grad():
+            expected = model.eval()(**batch).logits
+            scored = protocol.load_fine_tune(suite, adapters[name], base, 3)
+            torch.testing.assert_close(scored(**batch).logits, expected)
+        assert torch.equal(scored.classifier.weight, heads[name].weight)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 0.5},
+              "models": [{"model": str(path)} for path in adapters.values()], "heads": "each", "dtype": "float32"}
+    mergesmith.merge(recipe, tmp_path / "merged")
+    protocol._merged_model(tmp_path / "merged", adapters, heads)  # raises if a kept head is not the task's

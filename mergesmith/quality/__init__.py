@@ -170,6 +170,7 @@ def _results(name: str, suite: ModuleType, quick: bool, seeds: list[int], tasks:
             "seconds": {**total, "merge_and_score": wall - sum(total.values())},
             "settings": {"heads": getattr(suite, "HEADS", "probe"),
                          "fine_tune": suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE,
-                         "measure": getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE},
+                         "measure": getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE,
+                         **({"lora": suite.LORA} if getattr(suite, "LORA", None) is not None else {})},
             "rows": [{"label": r.label, "method": r.method, "grid": r.grid, "data_aware": r.data_aware} for r in rows],
             "per_seed": per_seed}

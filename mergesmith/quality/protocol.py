@@ -272,17 +272,13 @@ def lora_model(suite: ModuleType, model: nn.Module, head: Head | None, seed: int
     return wrapped
 
 
-def save_adapter(model: nn.Module, task: Task | None, base: Path, out: Path) -> None:
-    """Save a LoRA fine-tune as a PEFT adapter directory over ``base`` (recorded as its base_model_name_or_path),
-    with the base's tokenizer; with ``task``, the config's label space is the task's."""
-    if task is not None:
-        config = model.base_model.model.config
-        config.num_labels = task.num_labels
-        config.id2label = dict(enumerate(task.labels))
-        config.label2id = {label: i for i, label in enumerate(task.labels)}
+def save_adapter(model: nn.Module, base: Path, out: Path) -> None:
+    """Save a LoRA fine-tune as a PEFT adapter directory over ``base`` (recorded as its base_model_name_or_path;
+    the head's shape, in the adapter, is the task's label space). The tokenizer is the base's and is not copied:
+    ``measure_checkpoint`` takes an adapter directory holding tokenizer files for a full model and asks it for
+    a config.json."""
     model.peft_config["default"].base_model_name_or_path = str(base.resolve())
     model.save_pretrained(out)
-    copy_tokenizer(base, out)
 
 
 def load_fine_tune(suite: ModuleType, directory: Path, base: Path, num_labels: int | None = None) -> nn.Module:
@@ -367,7 +363,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                     model = lora_model(suite, model, heads[task.name], seed)
                 train_body(model, suite, [task], heads, seed=seed, **train)
                 if lora is not None:
-                    save_adapter(model, task, base, out)
+                    save_adapter(model, base, out)
                 else:
                     save_with_head(model, task, heads[task.name], base, out)
                 _stamp(out, settings)
@@ -398,7 +394,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                 model = lora_model(suite, model, None, seed)
             train_body(model, suite, tasks, heads, seed=seed, **{**train, "steps": steps})
             if lora is not None:
-                save_adapter(model, None, base, multitask)
+                save_adapter(model, base, multitask)
             else:
                 model.save_pretrained(multitask)
             _stamp(multitask, settings)
