@@ -73,10 +73,15 @@ def _protected(recipe: Recipe, label: str) -> list[Path]:
 
 
 def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *,
-                overwrite: bool = False) -> Plan:
+                overwrite: bool = False, adapter_rank: int | None = None) -> Plan:
     """Every check ``merge`` makes before it reads a tensor — the output path, the recipe, the inputs'
-    headers and statistics, the config and tokenizer it would copy — and the plan (``--dry-run``)."""
-    return _checked(*_as_recipe(recipe), Path(output), overwrite)[0]
+    headers and statistics, the config and tokenizer it would copy, an output adapter's base — and the plan
+    (``--dry-run``)."""
+    recipe, label = _as_recipe(recipe)
+    plan = _checked(recipe, label, Path(output), overwrite)[0]
+    if adapter_rank is not None:
+        _adapter_base(recipe, plan, adapter_rank)
+    return plan
 
 
 def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool) -> tuple[Plan, Path | None, Path | None]:

@@ -95,7 +95,8 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
 
     _check_rank(output_adapter, rank)
     if dry_run:
-        _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size)
+        _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size,
+                 adapter_rank=rank if output_adapter else None)
         return
     _reuse_freed_memory()
     progress = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
@@ -173,14 +174,14 @@ def extract_lora(finetune: Path = typer.Argument(..., metavar="FINETUNE", help="
         _print_summary(summary)
 
 
-def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str) -> None:
+def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str, adapter_rank: int | None) -> None:
     """Every check of a merge, then its plan on stdout; nothing is read beyond headers, nothing written."""
     from mergesmith.api import check_merge
     from mergesmith.execute import peak_rss_bytes
     from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
 
     limit = parse_size(max_shard_size)
-    plan = check_merge(recipe, output, overwrite=overwrite)
+    plan = check_merge(recipe, output, overwrite=overwrite, adapter_rank=adapter_rank)
     size = plan.size()
     shards = shard_layout([OutputTensor(o.name, o.shape, o.out_dtype) for j in plan.jobs for o in j.outputs], limit)
     rows = [("method", plan.method.name), ("models", ", ".join(s.name for s in plan.sources)),
@@ -193,7 +194,8 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
                           + (" (a larger tensor gets a shard of its own)" if size.largest_output > limit else "")),
              ("peak memory", f"at most {human_size(size.peak_bound(peak_rss_bytes()))} (the largest job reads "
                              f"{human_size(size.largest_read)}; see the README's Safety section)"),
-             ("output", f"would {verb} {output}")]
+             ("output", f"would {verb} {output}" + (f" (a PEFT adapter of rank ≤ {adapter_rank})"
+                                                     if adapter_rank is not None else ""))]
     listing.print(f"dry run of {recipe}: every check passed; no tensor was merged and nothing was written",
                   highlight=False)
     for key, value in rows:

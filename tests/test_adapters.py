@@ -149,6 +149,12 @@ def test_bert_sequence_classifier_adapter_with_embeddings_biases_and_head(tmp_pa
     for key, value in expected.items():
         torch.testing.assert_close(source.get(key).float(), value, rtol=1e-6, atol=1e-7, msg=key)
     assert "bert.embeddings.word_embeddings.weight" in source.modules
+    # the same adapter over the base saved without its task wrapper (BertModel: 'encoder...', not 'bert.encoder...')
+    BertForSequenceClassification.from_pretrained(tmp_path / "base").bert.save_pretrained(tmp_path / "body")
+    over_body = open_adapter(adapter, tmp_path / "body", "adapter")
+    for key in over_body.modules:
+        torch.testing.assert_close(over_body.get(key).float(), expected["bert." + key], rtol=1e-6, atol=1e-7, msg=key)
+    assert "embeddings.word_embeddings.weight" in over_body.modules
 
 
 def test_gpt2_conv1d_adapter_with_fan_in_fan_out(gpt2, tmp_path):
@@ -209,8 +215,10 @@ def test_peft_cat_combination_equals_the_linear_merge(lora, tmp_path):
 
 
 def _methods() -> list[str]:
-    """Every method that can merge three models into a base (passthrough takes one; nearswap and arcee_fusion two)."""
-    return [m for m in method_names() if (get_method(m).max_models or 3) >= 3 and get_method(m).min_models <= 3]
+    """Every method that can merge three models into a base (passthrough takes one; nearswap and arcee_fusion two),
+    but WUDI: its own test follows."""
+    return [m for m in method_names()
+            if (get_method(m).max_models or 3) >= 3 and get_method(m).min_models <= 3 and m != "wudi"]
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +252,6 @@ def test_every_method_merges_adapters_as_their_premerged_checkpoints(lora, sidec
     exact solve is the exception, tested against its formula below: on pre-merged low-rank deltas float32
     rounding fills Σ G_i's null space, which the dense solve then amplifies."""
     spec = get_method(method)
-    if method == "wudi":
-        pytest.skip("test_wudi_on_adapters_is_the_minimum_norm_solution")
     merged = {}
     for kind in ("a", "pre-"):
         models = []
@@ -389,7 +395,8 @@ def test_an_adapter_without_a_known_base_says_how_to_name_one(lora, tmp_path):
     hub = _edited_adapter(lora["a0"], tmp_path / "hub", base_model_name_or_path="meta-llama/Llama-3.2-1B")
     recipe = {"merge_method": "linear", "models": [{"model": str(hub)}, {"model": str(lora["a1"])}]}
     with pytest.raises(CheckpointError, match=r"'meta-llama/Llama-3.2-1B', not a local directory; give its base as "
-                                              r"base_model in the recipe, or write the model as BASE\+"):
+                                              r"base_model in the recipe \(--base for measure\), or write the model "
+                                              r"as BASE\+"):
         mergesmith.merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     merged = _merge({**recipe, "models": [{"model": str(lora["a0"])}, {"model": str(lora["a1"])}]}, tmp_path / "ok")
@@ -413,3 +420,29 @@ def test_adapter_output_options_are_checked_before_anything_runs(lora, tmp_path,
     assert not (tmp_path / "o").exists()
     with pytest.raises(MergeError, match="full model, not a LoRA adapter"):
         mergesmith.measure_checkpoint(lora["pre-0"], [{"text": "w1 w2"}], base=lora["base"], task="causal-lm")
+
+
+def test_an_adapter_saved_as_bin_reads_as_its_safetensors(lora, tmp_path):
+    """Older peft saved adapter_model.bin: read with torch.load(weights_only=True), like a model's .bin."""
+    target = tmp_path / "bin"
+    target.mkdir()
+    torch.save(load_file(str(lora["a1"] / "adapter_model.safetensors")), target / "adapter_model.bin")
+    (target / "adapter_config.json").write_text((lora["a1"] / "adapter_config.json").read_text())
+    from_bin, from_safetensors = open_adapter(target, lora["base"], "bin"), open_adapter(lora["a1"], lora["base"], "s")
+    for key in from_safetensors.keys():
+        assert torch.equal(from_bin.get(key), from_safetensors.get(key)), key
+
+
+def test_measure_cli_on_an_adapter_keys_the_sidecar_by_the_base_names(lora, sidecars, tmp_path, run_cli):
+    from mergesmith.io.sidecar import StatsReader
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{(7 * i + j) % 90}" for j in range(6))}) + "\n"
+                            for i in range(8)))
+    result = run_cli("measure", lora["a2"], "--base", lora["base"], "--data", data, "--kind", "gram", "--task",
+                     "causal-lm", "--batch-size", "4", "--max-length", "8", "-o", tmp_path / "stats")
+    assert result.code == 0, result.stderr
+    measured, expected = StatsReader(tmp_path / "stats"), StatsReader(sidecars["pre-2"])
+    assert sorted(measured.keys()) == sorted(k for k in expected.keys() if k.startswith("gram/"))
+    for key in measured.keys():
+        torch.testing.assert_close(measured.get(key), expected.get(key), rtol=1e-5, atol=1e-7, msg=key)

@@ -401,7 +401,8 @@ def test_missing_paths_and_wrong_files_are_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"not found at .*nowhere$"):
         CheckpointReader(tmp_path / "nowhere")
     (tmp_path / "weights.pt").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match=r"weights\.pt: a single-file model must be a \.safetensors file"):
+    with pytest.raises(CheckpointError,
+                       match=r"weights\.pt: a single-file model must be a \.safetensors \(or weights-only \.bin\)"):
         CheckpointReader(tmp_path / "weights.pt")
 
 

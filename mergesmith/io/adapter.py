@@ -317,8 +317,8 @@ def open_adapter(adapter: str | Path, base: str | Path | None, name: str) -> Ada
         if recorded is None or not Path(recorded).expanduser().is_dir():
             said = f"its base_model_name_or_path is '{recorded}', not a local directory" if recorded else \
                 "its adapter_config.json names no base_model_name_or_path"
-            raise CheckpointError(f"adapter '{name}': {said}; give its base as base_model in the recipe, or write the "
-                                  f"model as BASE+{adapter}")
+            raise CheckpointError(f"adapter '{name}': {said}; give its base as base_model in the recipe (--base for "
+                                  f"measure), or write the model as BASE+{adapter}")
         base = recorded
     return AdapterSource(lora, CheckpointReader(Path(base), name=str(base)), name)
 
@@ -330,7 +330,9 @@ def adapter_files(reference: str) -> tuple[str, str | None] | None:
     if split is not None:
         return split[1], split[0]
     path = Path(reference).expanduser()
-    if is_adapter(path) and any((path / name).exists() for name in ADAPTER_WEIGHTS):
+    # a directory holding a full model beside an adapter's config is read as the full model
+    full = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if is_adapter(path) and not any((path / name).exists() for name in full):
         return reference, None
     return None
 
