@@ -241,8 +241,9 @@ def test_statistics_of_an_adapter_are_those_of_its_premerged_checkpoint(sidecars
     for i in range(3):
         adapter, full = StatsReader(sidecars[f"a{i}"]), StatsReader(sidecars[f"pre-{i}"])
         assert sorted(adapter.keys()) == sorted(full.keys())
-        for key in full.keys():
-            torch.testing.assert_close(adapter.get(key), full.get(key), rtol=1e-5, atol=1e-7, msg=key)
+        for key in full.keys():  # peft rounds (B A)·s + W, mergesmith W + (B·s) A: float32 apart
+            scale = full.get(key).abs().max().clamp_min(1e-12)
+            torch.testing.assert_close(adapter.get(key) / scale, full.get(key) / scale, rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("method", _methods())
@@ -445,4 +446,5 @@ def test_measure_cli_on_an_adapter_keys_the_sidecar_by_the_base_names(lora, side
     measured, expected = StatsReader(tmp_path / "stats"), StatsReader(sidecars["pre-2"])
     assert sorted(measured.keys()) == sorted(k for k in expected.keys() if k.startswith("gram/"))
     for key in measured.keys():
-        torch.testing.assert_close(measured.get(key), expected.get(key), rtol=1e-5, atol=1e-7, msg=key)
+        scale = expected.get(key).abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(measured.get(key) / scale, expected.get(key) / scale, rtol=0, atol=1e-5, msg=key)

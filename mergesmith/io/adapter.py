@@ -263,9 +263,11 @@ class AdapterSource:
     def get(self, key: str) -> torch.Tensor:
         # a saved base layer (peft's save_embedding_layers) replaces the base's tensor, and the delta goes on top
         tensor = self.adapter.weights.get(self.replaced[key]) if key in self.replaced else self.base.get(key)
-        if key not in self.modules:
+        lora = self.modules.get(key)
+        if lora is None:
             return tensor
-        return tensor.to(self._work_dtype(key)) + self.delta(key)
+        # in place, in peft's order of operations (bit for bit its merge): two tensor-sized float32 buffers, not four
+        return tensor.to(self._work_dtype(key), copy=True).add_(self.delta(key))
 
     def delta(self, key: str) -> torch.Tensor:
         """The adapter's change to ``key``, in the order of operations PEFT's merge uses."""
@@ -273,8 +275,8 @@ class AdapterSource:
         if key != lora.target:  # the bias of a lora_bias module
             return self.adapter.weights.get(lora.bias_key).to(dtype) * lora.scaling
         a, b = (self.adapter.weights.get(k).to(dtype) for k in (lora.a_key, lora.b_key))
-        product = b @ a
-        return (product.T if lora.transposed else product) * lora.scaling
+        product = (b @ a).mul_(lora.scaling)
+        return product.T if lora.transposed else product
 
     def low_rank(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(left, right) with left @ right the adapter's change to a matrix ``key`` (zero-width factors for a
@@ -286,6 +288,9 @@ class AdapterSource:
         lora = self.modules.get(key)
         if lora is None:
             return torch.zeros(rows, 0, dtype=dtype), torch.zeros(0, cols, dtype=dtype)
+        return self._factors(lora, dtype)
+
+    def _factors(self, lora: LoraModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = (self.adapter.weights.get(k).to(dtype) for k in (lora.a_key, lora.b_key))
         return (a.T, b.T * lora.scaling) if lora.transposed else (b * lora.scaling, a)
 
