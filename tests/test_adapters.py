@@ -435,8 +435,10 @@ def test_an_adapter_saved_as_bin_reads_as_its_safetensors(lora, tmp_path):
 
 
 def test_measure_cli_on_an_adapter_keys_the_sidecar_by_the_base_names(lora, sidecars, tmp_path, run_cli):
+    from mergesmith.io.card import copy_tokenizer
     from mergesmith.io.sidecar import StatsReader
 
+    copy_tokenizer(lora["base"], lora["a2"])  # peft users often save the tokenizer beside the adapter
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(f"w{(7 * i + j) % 90}" for j in range(6))}) + "\n"
                             for i in range(8)))

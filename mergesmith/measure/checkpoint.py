@@ -122,7 +122,8 @@ def measure_checkpoint(model: str | Path, data: str | Path | Sequence[Mapping[st
         if task == "image-cls":  # pixels as given: no tokenizer
             examples, tokenizer = check_images(examples, config, where), None
         else:
-            tokenizer = load_tokenizer(_tokenizer_dir(adapter, model), trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(_tokenizer_dir(adapter, model), trust_remote_code=trust_remote_code,
+                                       config_dir=model)
             length = check_tokens(examples, tokenizer, config, task=task, max_length=max_length,
                                   batch_size=batch_size, model_dir=model, data=where)
         share = examples[rank::world]  # under torchrun: each rank its share

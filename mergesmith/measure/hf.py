@@ -107,12 +107,13 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
-    """The model directory's own tokenizer (local files only), with a padding token."""
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False, config_dir: Path | None = None) -> Any:
+    """The model directory's own tokenizer (local files only), with a padding token. ``config_dir``: where the
+    model's config.json is, when it is not beside the tokenizer (an adapter saved with its tokenizer)."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    read_config(model_dir, trust_remote_code=trust_remote_code)
+    read_config(config_dir or model_dir, trust_remote_code=trust_remote_code)
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): "
                               f"measure tokenises the data with the model's own tokenizer; copy the tokenizer files "
