@@ -16,7 +16,7 @@ from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeWarning, OutputError, RecipeError, UsageError, human_size
 from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.adapter import adapter_files, open_model, split_adapter_reference
-from mergesmith.io.adapter_writer import AdapterWriter
+from mergesmith.io.adapter_writer import CONV1D_MODEL_TYPES, AdapterWriter
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, TensorSource, contained_file, read_json
 from mergesmith.io.sidecar import StatsReader
@@ -176,10 +176,12 @@ def _merge_to_adapter(recipe: Recipe, label: str, plan: Plan, base: TensorSource
                 out.out_dtype = torch.float32
     config = base.config() if hasattr(base, "config") else None
     architectures = (config or {}).get("architectures") or []
-    task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
+    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    task_type = "CAUSAL_LM" if causal else None
     base_path = Path(recipe.base_model).expanduser().absolute()
     with atomic_output_dir(output, overwrite, inputs=_protected(recipe, label), log=on_notice) as directory:
-        writer = AdapterWriter(directory, base, rank, str(base_path), recipe.output_dtype, task_type)
+        writer = AdapterWriter(directory, base, rank, str(base_path), recipe.output_dtype, task_type,
+                               conv1d=(config or {}).get("model_type") in CONV1D_MODEL_TYPES)
         summary = execute(plan, writer.add, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
                           on_tensor=on_tensor)
         files = writer.close()

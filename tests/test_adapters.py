@@ -450,3 +450,18 @@ def test_measure_cli_on_an_adapter_keys_the_sidecar_by_the_base_names(lora, side
     for key in measured.keys():
         scale = expected.get(key).abs().max().clamp_min(1e-12)
         torch.testing.assert_close(measured.get(key) / scale, expected.get(key) / scale, rtol=0, atol=1e-5, msg=key)
+
+
+def test_a_gpt2_merge_written_as_an_adapter_loads_in_peft(gpt2, tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out): the output adapter sets fan_in_fan_out for them."""
+    from transformers import GPT2LMHeadModel
+
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(gpt2["base"]), "dtype": "float32",
+              "models": [{"model": str(gpt2["ft1"])}, {"model": str(gpt2["ft2"])}]}
+    full = _merge(recipe, tmp_path / "full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mergesmith.merge(recipe, tmp_path / "adapter", adapter_rank=1000)
+    loaded = _peft_merged(gpt2["base"], tmp_path / "adapter", GPT2LMHeadModel)
+    for key, value in full.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=1e-5, msg=key)

@@ -25,6 +25,9 @@ from mergesmith.io.checkpoint import TensorSource
 from mergesmith.methods.subspace import gram_svd
 
 ADAPTER_FILE = "adapter_model.safetensors"
+# transformers' Conv1D models, and the leaf names of their Conv1D layers (peft needs fan_in_fan_out for them)
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
+CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class AdapterWriter:
     base_model: str  # recorded as base_model_name_or_path
     dtype: torch.dtype | None = None  # the factors' dtype (None: each base tensor's)
     task_type: str | None = None
+    conv1d: bool = False  # GPT-2's family: its c_* projections are Conv1D, weights stored (in, out)
     errors: dict[str, float] = field(default_factory=dict)  # module -> relative Frobenius error
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     _whole: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -72,12 +76,20 @@ class AdapterWriter:
         self.errors[module] = float((delta - left @ right).norm() / delta.norm())
         self._ranks[module] = rank
         key = PEFT_PREFIX + module
-        if any(hint in module for hint in EMBEDDING_HINTS):  # peft: A (r, num_embeddings), B (dim, r), delta (B A)ᵀ
+        # peft: an embedding's A is (r, num_embeddings) and B (dim, r), a Conv1D's A (r, in) and B (out, r) for a
+        # weight stored (in, out); both deltas are (B A)ᵀ
+        if any(hint in module for hint in EMBEDDING_HINTS):
             self._tensors[key + ".lora_embedding_A"] = left.T.contiguous().to(dtype)
             self._tensors[key + ".lora_embedding_B"] = right.T.contiguous().to(dtype)
+        elif self._is_conv1d(module):
+            self._tensors[key + ".lora_A.weight"] = left.T.contiguous().to(dtype)
+            self._tensors[key + ".lora_B.weight"] = right.T.contiguous().to(dtype)
         else:
             self._tensors[key + ".lora_A.weight"] = right.contiguous().to(dtype)
             self._tensors[key + ".lora_B.weight"] = left.contiguous().to(dtype)
+
+    def _is_conv1d(self, module: str) -> bool:
+        return self.conv1d and module.rsplit(".", 1)[-1] in CONV1D_LEAVES
 
     def close(self) -> list[str]:
         """Write adapter_model.safetensors and adapter_config.json; returns the files written."""
@@ -101,7 +113,8 @@ class AdapterWriter:
         return {"peft_type": "LORA", "task_type": self.task_type, "base_model_name_or_path": self.base_model,
                 "r": top, "lora_alpha": top, "rank_pattern": smaller, "alpha_pattern": dict(smaller),
                 "target_modules": modules, "lora_dropout": 0.0, "bias": "all" if self._whole else "none",
-                "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+                "fan_in_fan_out": any(self._is_conv1d(m) for m in modules), "use_rslora": False, "use_dora": False,
+                "modules_to_save": None,
                 "init_lora_weights": True, "inference_mode": True, "revision": None}
 
     def summary(self, shown: int = 10) -> list[tuple[str, int, float]]:
