@@ -168,7 +168,11 @@ def extract_lora(finetune: Path = typer.Argument(..., metavar="FINETUNE", help="
     """Write FINETUNE's difference from BASE as a PEFT LoRA adapter of rank RANK (mergekit-extract-lora's job)."""
     from mergesmith.api import extract_lora as run_extract
 
+    from mergesmith.config import DTYPES
+
     _check_rank(True, rank)
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: not a dtype{did_you_mean(dtype, DTYPES)}")
     summary = run_extract(finetune, base, output, rank=rank, overwrite=overwrite, dtype=dtype, device=device)
     if not quiet:
         _print_summary(summary)
