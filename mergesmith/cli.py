@@ -167,7 +167,6 @@ def extract_lora(finetune: Path = typer.Argument(..., metavar="FINETUNE", help="
                  quiet: bool = typer.Option(False, help="No summary.")) -> None:
     """Write FINETUNE's difference from BASE as a PEFT LoRA adapter of rank RANK (mergekit-extract-lora's job)."""
     from mergesmith.api import extract_lora as run_extract
-
     from mergesmith.config import DTYPES
 
     _check_rank(True, rank)
