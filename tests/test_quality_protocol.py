@@ -214,6 +214,30 @@ def test_rows_added_later_replace_or_join_the_earlier_ones():
         combine(earlier, one_seed)
 
 
+def test_seeds_added_later_join_the_earlier_ones():
+    """Seed 1 run on its own and appended: the table is the mean over both seeds, computed here by hand."""
+    from mergesmith.errors import UsageError
+    from mergesmith.quality import combine_seeds
+
+    seed0 = {"start": [{"a": 0.5, "b": 0.5}], "individual": [{"a": 0.9, "b": 0.8}],
+             "multitask": [{"a": 0.8, "b": 0.8}], "ties": [{"a": 0.6, "b": 0.4}]}
+    seed1 = {"start": [{"a": 0.4, "b": 0.5}], "individual": [{"a": 0.8, "b": 1.0}],
+             "multitask": [{"a": 0.8, "b": 0.9}], "ties": [{"a": 0.4, "b": 0.5}]}
+    earlier, added = _with_protocol_fields(_results(seed0)), _with_protocol_fields(_results(seed1))
+    added["seeds"], added["wall_seconds"] = [1], 5.0
+    combined = combine_seeds(earlier, added)
+    assert combined["seeds"] == [0, 1] and combined["wall_seconds"] == 6.0
+    expected = 100 * ((0.6 / 0.9 + 0.4 / 0.8) / 2 + (0.4 / 0.8 + 0.5 / 1.0) / 2) / 2
+    assert math.isclose(report.row_stats(combined, "ties")["normalised"], expected)
+    assert len(earlier["per_seed"]) == 1  # the earlier results are not changed
+    with pytest.raises(UsageError, match=r"seed\(s\) \[1\] are in the earlier results"):
+        combine_seeds(combined, added)
+    other_rows = _with_protocol_fields(_results({**seed1, "tsv": seed1["ties"]}))
+    other_rows["seeds"] = [2]
+    with pytest.raises(UsageError, match="other rows"):
+        combine_seeds(earlier, other_rows)
+
+
 def test_only_the_named_methods_or_rows_are_run():
     from mergesmith.errors import UsageError
     from mergesmith.quality import select

@@ -5,6 +5,7 @@
     python benchmarks/quality/run.py --quick         # the CI smoke test: 1 seed, 1 grid point, few examples
     python benchmarks/quality/run.py --report        # rebuild the .md and .png files from the committed JSON
     python benchmarks/quality/run.py --suite text --methods tsv wudi --workdir W  # add or redo some rows only
+    python benchmarks/quality/run.py --suite text-lora --seeds 2 --add-seeds      # append a seed to the results
 
 Models, sidecars and merges go to --workdir (default: a temporary directory, removed at the end unless
 --keep); fine-tunes and sidecars found there with the same settings are reused. With --methods, the rows
@@ -28,7 +29,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mergesmith.quality import DEFAULT_SUITES, SUITES, claim, combine, run_suite
+    from mergesmith.errors import UsageError
+    from mergesmith.quality import DEFAULT_SUITES, SUITES, claim, combine, combine_seeds, run_suite
     from mergesmith.quality.report import summary_table, write
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only rebuild .md and .png from the JSON in --out")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                         help="only these methods or rows, put into the results already in --out")
+    parser.add_argument("--add-seeds", action="store_true",
+                        help="run --seeds and append them to the results already in --out (same rows and settings)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 2, or 1 on a busy machine)")
     args = parser.parse_args(argv)
     suites = DEFAULT_SUITES if args.suite == "all" else (args.suite,)
@@ -71,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for suite in suites:
             earlier_file = out / f"{suite}.json"
-            earlier = json.loads(earlier_file.read_text()) if args.methods and earlier_file.is_file() else None
+            earlier = json.loads(earlier_file.read_text()) if (args.methods or args.add_seeds) \
+                and earlier_file.is_file() else None
+            if args.add_seeds and earlier is None:
+                raise UsageError(f"--add-seeds: there are no earlier results in {earlier_file} to add seeds to")
+            merge_results = combine_seeds if args.add_seeds else combine
 
             # after each seed, the results so far, so that a later failure keeps them; rows being added are
             # complete only when every seed is done, so until then they are written on their own
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
                                 progress=_progress, say=lambda text: print(text, flush=True), only=args.methods,
                                 on_seed=lambda partial, where=partial_out: write(partial, where))
-            for path in write(results if earlier is None else combine(earlier, results), out):
+            for path in write(results if earlier is None else merge_results(earlier, results), out):
                 print(f"wrote {path}", flush=True)
             if earlier is not None:  # the rows are in the results now; their partial copy was ours
                 for path in partial_out.glob(f"{suite}*"):

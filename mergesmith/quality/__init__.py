@@ -160,6 +160,34 @@ def combine(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
     return combined
 
 
+def combine_seeds(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``earlier`` results with the seeds of ``added`` appended: a run of more seeds of the same suite, settings
+    and rows (each seed's fine-tunes are its own, so nothing else must agree)."""
+    from mergesmith.errors import UsageError
+
+    for key in ("suite", "quick", "tasks", "settings"):
+        if earlier[key] != added[key]:
+            raise UsageError(f"the earlier results differ in '{key}' ({earlier[key]!r} against {added[key]!r}); "
+                             f"rerun the whole suite instead of adding seeds")
+    if [row["label"] for row in earlier["rows"]] != [row["label"] for row in added["rows"]]:
+        raise UsageError("the earlier results have other rows than the added seeds; add seeds with the same "
+                         "--methods as the earlier run")
+    repeated = sorted(set(earlier["seeds"]) & set(added["seeds"]))
+    if repeated:
+        raise UsageError(f"seed(s) {repeated} are in the earlier results already; add other seeds")
+    combined = copy.deepcopy(earlier)
+    combined["per_seed"] += copy.deepcopy(added["per_seed"])
+    combined["seeds"] = earlier["seeds"] + added["seeds"]
+    combined["planned_seeds"] = combined["seeds"]
+    combined["wall_seconds"] += added["wall_seconds"]
+    for key, value in added["seconds"].items():
+        combined["seconds"][key] += value
+    combined.setdefault("additions", []).append(
+        {"command": added["command"], "seeds": added["seeds"], "seconds": added["wall_seconds"],
+         "machine": added["machine"]})
+    return combined
+
+
 def _results(name: str, suite: ModuleType, quick: bool, seeds: list[int], tasks: list[str], classes: dict,
              sources: dict, command: str, wall: float, rows: list, per_seed: list[dict], *,
              planned: list[int]) -> dict[str, Any]:
