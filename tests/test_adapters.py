@@ -267,6 +267,11 @@ def test_every_method_merges_adapters_as_their_premerged_checkpoints(lora, sidec
         if spec.base != "ignored":
             recipe["base_model"] = str(lora["base"])
         merged[kind] = _merge(recipe, tmp_path / kind)
+        if kind == "a":  # the decompositions take the adapters' factors, not the dense deltas
+            jobs = mergesmith.plan_merge(recipe).jobs
+            matrices = {job.name for job in jobs if len(job.shape) == 2}
+            factored = {job.name for job in jobs if job.factored}
+            assert (matrices <= factored) if spec.low_rank else not factored
     for key, value in merged["pre-"].items():
         scale = value.abs().max().clamp_min(1e-6)
         torch.testing.assert_close(merged["a"][key] / scale, value / scale, rtol=0, atol=2e-5, msg=f"{method} {key}")
