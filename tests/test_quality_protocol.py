@@ -230,6 +230,7 @@ def test_seeds_added_later_join_the_earlier_ones():
     expected = 100 * ((0.6 / 0.9 + 0.4 / 0.8) / 2 + (0.4 / 0.8 + 0.5 / 1.0) / 2) / 2
     assert math.isclose(report.row_stats(combined, "ties")["normalised"], expected)
     assert len(earlier["per_seed"]) == 1  # the earlier results are not changed
+    assert "Seed 1 was added by `c`" in report.markdown(combined)  # the report says which run added it
     with pytest.raises(UsageError, match=r"seed\(s\) \[1\] are in the earlier results"):
         combine_seeds(combined, added)
     other_rows = _with_protocol_fields(_results({**seed1, "tsv": seed1["ties"]}))

@@ -87,6 +87,11 @@ def reading(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _seeds_words(seeds: list[int]) -> str:
+    """"Seed 1 was" / "Seeds 1, 2 were": the subject of a seed addition's line."""
+    return f"Seed {seeds[0]} was" if len(seeds) == 1 else f"Seeds {', '.join(map(str, seeds))} were"
+
+
 def markdown(results: dict[str, Any]) -> str:
     tasks, rows = results["tasks"], merge_rows(results)
     seeds = len(results["per_seed"])
@@ -102,8 +107,10 @@ def markdown(results: dict[str, Any]) -> str:
            f"{HEAD_WORDS[results.get('settings', {}).get('heads', 'probe')]}", "",
            f"Reproduce: `{results['command']}` ({results['wall_seconds'] / 60:.1f} min on {results['machine']}).",
            *[f"Rows {', '.join(a['rows'])} were added by `{a['command']}` on the same fine-tunes "
-             f"({a['merge_and_score_seconds'] / 60:.1f} min of merging and scoring)." for a in
-             results.get("additions", [])], "",
+             f"({a['merge_and_score_seconds'] / 60:.1f} min of merging and scoring)." if "rows" in a else
+             f"{_seeds_words(a['seeds'])} added by `{a['command']}` ({a['seconds'] / 60:.1f} min on "
+             f"{a['machine']})."
+             for a in results.get("additions", [])], "",
            "| model | kind | grid | normalised % | absolute % | merge s |", "|---|---|---:|---:|---:|---:|"]
     order = [*REFERENCES, *sorted(rows, key=lambda r: -row_stats(results, r)["normalised"])]
     for row in order:
