@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ from mergesmith.checks import check_device
 from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeWarning, OutputError, RecipeError, UsageError, human_size
 from mergesmith.execute import MergeSummary, execute
-from mergesmith.io.adapter import adapter_files, open_model, split_adapter_reference
+from mergesmith.io.adapter import AdapterSource, adapter_files, open_model, split_adapter_reference
 from mergesmith.io.adapter_writer import CONV1D_MODEL_TYPES, AdapterWriter
 from mergesmith.io.card import TOKENIZER_FILES, copy_tokenizer, write_config, write_model_card
 from mergesmith.io.checkpoint import CheckpointReader, StateDictReader, TensorSource, contained_file, read_json
@@ -28,6 +29,7 @@ from mergesmith.io.writer import (
     parse_size,
 )
 from mergesmith.measure import Statistics
+from mergesmith.measure.hf import adapter_head
 from mergesmith.methods.registry import REQUIRED
 from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.statistics import MemoryStats
@@ -309,7 +311,12 @@ def _write_kept_heads(plan: Plan, directory: Path) -> list[str]:
                   metadata={"format": "pt", "mergesmith_head_of": model})
         config = getattr(sources[model], "directory", None)
         config = contained_file(config, "config.json") if config is not None else None
-        if config is not None:
+        if config is not None and isinstance(sources[model], AdapterSource):
+            # an adapter's head (modules_to_save) may have another size than the base's config says
+            data = read_json(config, advice="fix or remove it")
+            data = {**data, **adapter_head(sources[model], data)} if isinstance(data, dict) else data
+            (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        elif config is not None:
             shutil.copyfile(config, folder / "config.json")
         written.append(str(Path("heads") / label / "model.safetensors"))
     return written

@@ -132,6 +132,37 @@ def test_adapter_source_equals_peft_merge_and_unload(lora, index):
     assert source.modules, "the adapter changed nothing"
 
 
+def test_heads_each_keeps_an_adapters_head_with_a_config_of_its_size(tmp_path):
+    """Two classifier adapters (3 and 5 classes, heads in modules_to_save) over a 2-class base: each kept head
+    loads with the config beside it."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file as load
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(2)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    adapters = []
+    for classes in (3, 5):
+        BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_labels": classes})).save_pretrained(
+            tmp_path / f"start-{classes}")
+        adapters.append(_make_adapter(tmp_path / f"start-{classes}", tmp_path / f"lora-{classes}",
+                                      BertForSequenceClassification,
+                                      LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]), seed=classes))
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "heads": "each",
+              "models": [{"model": str(a)} for a in adapters]}
+    _merge(recipe, tmp_path / "out")
+    for classes, adapter in zip((3, 5), adapters):
+        folder = tmp_path / "out" / "heads" / adapter.name
+        assert json.loads((folder / "config.json").read_text())["num_labels"] == classes
+        head = load(str(folder / "model.safetensors"))
+        model = BertForSequenceClassification.from_pretrained(tmp_path / "out", num_labels=classes,
+                                                              ignore_mismatched_sizes=True)
+        model.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in head.items()})
+        assert model.classifier.weight.shape == (classes, 16)
+
+
 def test_bert_sequence_classifier_adapter_with_embeddings_biases_and_head(tmp_path):
     """Embedding LoRA (lora_embedding_A/B, a transposed delta), bias: all, and modules_to_save (the head)."""
     from peft import LoraConfig
