@@ -274,7 +274,7 @@ class AdapterSource:
         lora, dtype = self.modules[key], self._work_dtype(key)
         if key != lora.target:  # the bias of a lora_bias module
             return self.adapter.weights.get(lora.bias_key).to(dtype) * lora.scaling
-        a, b = (self.adapter.weights.get(k).to(dtype) for k in (lora.a_key, lora.b_key))
+        a, b = self._a_b(lora, dtype)
         product = (b @ a).mul_(lora.scaling)
         return product.T if lora.transposed else product
 
@@ -291,8 +291,12 @@ class AdapterSource:
         return self._factors(lora, dtype)
 
     def _factors(self, lora: LoraModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = (self.adapter.weights.get(k).to(dtype) for k in (lora.a_key, lora.b_key))
+        a, b = self._a_b(lora, dtype)
         return (a.T, b.T * lora.scaling) if lora.transposed else (b * lora.scaling, a)
+
+    def _a_b(self, lora: LoraModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's factors A and B as stored, in ``dtype``."""
+        return tuple(self.adapter.weights.get(k).to(dtype) for k in (lora.a_key, lora.b_key))
 
     @property
     def base_path(self) -> Path | None:
