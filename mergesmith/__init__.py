@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING, Any
 from mergesmith.errors import MergeError
 
 __version__ = "0.1.0"
-__all__ = ["MergeError", "merge", "merge_state_dicts", "plan_merge", "merge_tensors", "method_names",
-           "measure_checkpoint"]
+__all__ = ["MergeError", "merge", "merge_state_dicts", "plan_merge", "predict_damage", "merge_tensors",
+           "method_names", "measure_checkpoint"]
 
 _LAZY = {"merge": "mergesmith.api", "merge_state_dicts": "mergesmith.api", "plan_merge": "mergesmith.api",
+         "predict_damage": "mergesmith.api",
          "merge_tensors": "mergesmith.methods", "method_names": "mergesmith.methods",
          "measure_checkpoint": "mergesmith.measure.checkpoint"}
 
 if TYPE_CHECKING:
-    from mergesmith.api import merge, merge_state_dicts, plan_merge
+    from mergesmith.api import merge, merge_state_dicts, plan_merge, predict_damage
     from mergesmith.measure.checkpoint import measure_checkpoint
     from mergesmith.methods import merge_tensors, method_names
 

@@ -15,6 +15,7 @@ from mergesmith.architecture import split_layer_name
 from mergesmith.checks import check_device
 from mergesmith.config import Recipe, load_recipe, parse_recipe
 from mergesmith.errors import MergeWarning, OutputError, RecipeError, UsageError, human_size
+from mergesmith.damage import ModelDamage
 from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.adapter import AdapterSource, adapter_files, open_model, split_adapter_reference
 from mergesmith.io.adapter_writer import CONV1D_MODEL_TYPES, AdapterWriter
@@ -42,10 +43,10 @@ def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe,
     return parse_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe), ""
 
 
-def _plan(recipe: Recipe, label: str) -> Plan:
+def _plan(recipe: Recipe, label: str, damage: bool = True) -> Plan:
     try:
         return build_plan(recipe, lambda model: open_model(model, recipe.base_model),
-                          lambda stats: StatsReader(Path(stats)))
+                          lambda stats: StatsReader(Path(stats)), damage=damage)
     except RecipeError as e:
         if not label:
             raise
@@ -75,20 +76,21 @@ def _protected(recipe: Recipe, label: str) -> list[Path]:
 
 
 def check_merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *,
-                overwrite: bool = False, adapter_rank: int | None = None) -> Plan:
+                overwrite: bool = False, adapter_rank: int | None = None, damage: bool = True) -> Plan:
     """Every check ``merge`` makes before it reads a tensor — the output path, the recipe, the inputs'
     headers and statistics, the config and tokenizer it would copy, an output adapter's base — and the plan
     (``--dry-run``)."""
     recipe, label = _as_recipe(recipe)
-    plan = _checked(recipe, label, Path(output), overwrite)[0]
+    plan = _checked(recipe, label, Path(output), overwrite, damage)[0]
     if adapter_rank is not None:
         _adapter_base(recipe, plan, adapter_rank)
     return plan
 
 
-def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool) -> tuple[Plan, Path | None, Path | None]:
+def _checked(recipe: Recipe, label: str, output: Path, overwrite: bool, damage: bool = True
+             ) -> tuple[Plan, Path | None, Path | None]:
     check_output(output, overwrite, _protected(recipe, label))  # fail fast
-    plan = _plan(recipe, label)
+    plan = _plan(recipe, label, damage)
     _check_space(output, plan.size().bytes_written)
     return (plan, *_companion_files(recipe, plan))
 
@@ -107,7 +109,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
           max_shard_size: str | int = "5GB", overwrite: bool = False, seed: int = 0,
           allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None,
           on_plan: Callable[[Plan], None] | None = None, on_notice: Callable[[str], None] | None = None,
-          adapter_rank: int | None = None) -> MergeSummary:
+          adapter_rank: int | None = None, damage: bool = True) -> MergeSummary:
     """Merge the checkpoints a recipe names into a Hugging Face directory at ``output``.
 
     ``recipe`` is a path to a YAML file, a dict, or a Recipe. Model paths are local (relative paths are
@@ -116,13 +118,15 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     assembled beside ``output`` and renamed into place only once complete; ``overwrite`` replaces only an
     output a previous merge wrote (docs/recipes.md, "Outputs"). ``on_notice`` hears what the run did on
     the side (leftovers of a killed run removed). ``adapter_rank`` R writes, instead of a full model, a PEFT LoRA
-    adapter of rank ≤ R holding the merge's difference from the recipe's base_model (``AdapterWriter``).
+    adapter of rank ≤ R holding the merge's difference from the recipe's base_model (``AdapterWriter``). Where
+    models have sidecars, ``damage`` predicts each one's loss increase while merging (``MergeSummary.damage``,
+    and a section of the model card; ``mergesmith.damage``).
     """
     recipe, label = _as_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     check_device(device)
     output = Path(output)
-    plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite)
+    plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite, damage)
     base = _adapter_base(recipe, plan, adapter_rank) if adapter_rank is not None else None
     if on_plan is not None:
         on_plan(plan)
@@ -145,7 +149,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
         base = recipe.base_model if plan.method.base != "ignored" else None  # an unused base is no base
         models = sorted({s.name for s in plan.sources} - {base})
         write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name, base_model=base,
-                         models=models,
+                         models=models, notes=damage_card(summary.damage),
                          reproduce=reproduction(recipe, plan, seed=seed, device=device,
                                                 allow_nonfinite=allow_nonfinite))
         files += _write_kept_heads(plan, directory)
@@ -194,12 +198,48 @@ def _merge_to_adapter(recipe: Recipe, label: str, plan: Plan, base: TensorSource
                          base_model=recipe.base_model, models=models, library_name="peft",
                          reproduce=reproduction(recipe, plan, seed=seed, device=device,
                                                 allow_nonfinite=allow_nonfinite, extra=options),
-                         notes=adapter_card(writer))
+                         notes=adapter_card(writer) + damage_card(summary.damage))
     summary.output, summary.files = str(output), files
     summary.bytes_written = (output / files[0]).stat().st_size
     summary.adapter = {"rank": rank, "modules": len(writer.errors), "overall_error": writer.overall_error(),
                        "worst": writer.summary()}
     return summary
+
+
+def predict_damage(recipe: Recipe | Mapping[str, Any] | str | Path, *, device: str = "cpu", seed: int = 0,
+                   allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None,
+                   on_plan: Callable[[Plan], None] | None = None) -> MergeSummary:
+    """Every model's predicted damage for a recipe, computed by running the merge without writing anything
+    (``merge --dry-run --damage``); the recipe's models need sidecars."""
+    recipe, label = _as_recipe(recipe)
+    check_device(device)
+    plan = _plan(recipe, label)
+    if not any(out.damage is not None for job in plan.jobs for out in job.outputs):
+        raise UsageError("predicted damage needs statistics: give each model a sidecar in the recipe (models: "
+                         "[{model: DIR, stats: STATS_DIR}]; measure one with mergesmith measure)")
+    if on_plan is not None:
+        on_plan(plan)
+    return execute(plan, lambda name, tensor: None, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
+                   on_tensor=on_tensor)
+
+
+def damage_card(damage: list[ModelDamage], worst: int = 5) -> list[str]:
+    """The model card's table of predicted damage per model, with each one's worst layers."""
+    if not damage:
+        return []
+    lines = ["## Predicted damage", "",
+             "Each model's loss increase predicted from its statistics sidecar, ½ (θ − θ_i)ᵀ F_i (θ − θ_i) summed "
+             "over the tensors it has curvature for, and as a share of its *forgetting* ½ τ_iᵀ F_i τ_i (the same "
+             "quadratic at the base): 0 keeps the fine-tune, 1 is as bad as the base. A quadratic model of the "
+             "loss around each fine-tune, measured on that model's data: a guide to rank merges, not a measured "
+             "loss (docs/damage.md).", "",
+             "| model | predicted increase | of forgetting | from | worst layers |", "|---|---|---|---|---|"]
+    for d in damage:
+        share = f"{d.normalised:.3f}" if d.normalised is not None else "—"
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(d.kinds.items()))
+        layers = ", ".join(f"`{name}` {value:.3g}" for name, value in d.worst(worst))
+        lines.append(f"| `{d.model}` | {d.total:.4g} {d.unit} | {share} | {kinds or 'nothing'} | {layers} |")
+    return lines + [""]
 
 
 def adapter_card(writer: AdapterWriter) -> list[str]:

@@ -89,19 +89,21 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
                                               "merge's difference from the recipe's base_model instead of a full "
                                               "model (needs --rank)."),
           rank: int = typer.Option(None, "--rank", help="The output adapter's rank: each changed matrix's delta "
-                                   "is cut to its top RANK singular directions.")) -> None:
+                                   "is cut to its top RANK singular directions."),
+          damage: bool = typer.Option(None, "--damage/--no-damage", help="Predict each model's loss increase from "
+                                      "its sidecar (default: while merging, when the recipe names sidecars; with "
+                                      "--dry-run, --damage runs the merge without writing to predict it).")) -> None:
     """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory, or a PEFT adapter)."""
     from mergesmith.api import merge as run_merge
 
     _check_rank(output_adapter, rank)
     if dry_run:
         _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size,
-                 adapter_rank=rank if output_adapter else None)
+                 adapter_rank=rank if output_adapter else None, damage=bool(damage), device=device, seed=seed,
+                 quiet=quiet)
         return
     _reuse_freed_memory()
-    progress = Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-                        TimeElapsedColumn(), TextColumn("{task.fields[name]}"), console=console,
-                        disable=quiet or not console.is_terminal, transient=True)  # no bars in a log file
+    progress = _merge_progress(quiet)
     task = progress.add_task("merge", total=None, name="")
 
     def planned(plan) -> None:  # noqa: ANN001 — the bar appears once the plan holds, not over its errors
@@ -113,11 +115,17 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
                             seed=seed, allow_nonfinite=allow_nonfinite, on_plan=planned,
                             on_tensor=lambda job: progress.update(task, advance=1, name=job.name),
                             on_notice=lambda line: _show_warning(line, MergeWarning, "", 0),
-                            adapter_rank=rank if output_adapter else None)
+                            adapter_rank=rank if output_adapter else None, damage=damage is not False)
     finally:
         progress.stop()
     if not quiet:
         _print_summary(summary)
+
+
+def _merge_progress(quiet: bool, verb: str = "merging") -> Progress:
+    return Progress(TextColumn(f"[bold]{verb}"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[name]}"), console=console,
+                    disable=quiet or not console.is_terminal, transient=True)  # no bars in a log file
 
 
 def _check_rank(output_adapter: bool, rank: int | None) -> None:
@@ -152,6 +160,21 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
     console.print(table)
     if summary.solver:
         console.print(solver_table(summary.solver))
+    if summary.damage:
+        console.print(damage_table(summary.damage))
+
+
+def damage_table(damage: list, worst: int = 3) -> Table:  # a list of ModelDamage
+    """Each model's predicted loss increase, its share of the model's forgetting, and its worst layers."""
+    table = Table(title="predicted damage: ½ (θ − θ_i)ᵀ F_i (θ − θ_i) from each model's sidecar "
+                        "(of forgetting: the same at the base; docs/damage.md)", title_justify="left")
+    for column in ("model", "predicted increase", "of forgetting", "worst layers"):
+        table.add_column(column, justify="right" if column in ("predicted increase", "of forgetting") else "left")
+    for d in damage:
+        share = f"{d.normalised:.3f}" if d.normalised is not None else "—"
+        layers = ", ".join(f"{name} {value:.2g}" for name, value in d.worst(worst))
+        table.add_row(d.model, f"{d.total:.4g} {d.unit}", share, layers)
+    return table
 
 
 @app.command("extract-lora")
@@ -177,14 +200,16 @@ def extract_lora(finetune: Path = typer.Argument(..., metavar="FINETUNE", help="
         _print_summary(summary)
 
 
-def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str, adapter_rank: int | None) -> None:
-    """Every check of a merge, then its plan on stdout; nothing is read beyond headers, nothing written."""
+def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str, adapter_rank: int | None,
+             damage: bool = False, device: str = "cpu", seed: int = 0, quiet: bool = False) -> None:
+    """Every check of a merge, then its plan on stdout; nothing is read beyond headers, nothing written. With
+    ``damage`` the merge is computed (nothing written) to predict each model's damage."""
     from mergesmith.api import check_merge
     from mergesmith.execute import peak_rss_bytes
     from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
 
     limit = parse_size(max_shard_size)
-    plan = check_merge(recipe, output, overwrite=overwrite, adapter_rank=adapter_rank)
+    plan = check_merge(recipe, output, overwrite=overwrite, adapter_rank=adapter_rank, damage=damage)
     size = plan.size()
     shards = shard_layout([OutputTensor(o.name, o.shape, o.out_dtype) for j in plan.jobs for o in j.outputs], limit)
     rows = [("method", plan.method.name), ("models", ", ".join(s.name for s in plan.sources)),
@@ -199,10 +224,32 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
                              f"{human_size(size.largest_read)}; see the README's Safety section)"),
              ("output", f"would {verb} {output}" + (f" (a PEFT adapter of rank ≤ {adapter_rank})"
                                                      if adapter_rank is not None else ""))]
-    listing.print(f"dry run of {recipe}: every check passed; no tensor was merged and nothing was written",
-                  highlight=False)
+    done = "nothing is written" if damage else "no tensor was merged and nothing was written"
+    listing.print(f"dry run of {recipe}: every check passed; {done}", highlight=False)
     for key, value in rows:
         listing.print(f"  {key + ':':<20}{escape(value)}", highlight=False)
+    if damage:
+        _dry_run_damage(recipe, device=device, seed=seed, quiet=quiet)
+
+
+def _dry_run_damage(recipe: Path, *, device: str, seed: int, quiet: bool) -> None:
+    from mergesmith.api import predict_damage
+
+    progress = _merge_progress(quiet, "predicting")
+    task = progress.add_task("damage", total=None, name="")
+
+    def planned(plan) -> None:  # noqa: ANN001
+        progress.update(task, total=len(plan.jobs))
+        progress.start()
+
+    try:
+        summary = predict_damage(recipe, device=device, seed=seed, on_plan=planned,
+                                 on_tensor=lambda job: progress.update(task, advance=1, name=job.name))
+    finally:
+        progress.stop()
+    listing.print(f"  {'damage:':<20}the merge computed in {summary.seconds:.1f} s (nothing written) predicts",
+                  highlight=False)
+    listing.print(damage_table(summary.damage))
 
 
 def solver_table(reports: dict[str, dict], shown: int = 40) -> Table:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mergesmith.checks import all_finite, check_device
+from mergesmith.damage import DamageMeter, ModelDamage
 from mergesmith.errors import CheckpointError, MergeError
 from mergesmith.plan import Job, Plan, TensorInput, seed_for
 
@@ -36,6 +37,7 @@ class MergeSummary:
     solver: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block: CG iterations and residuals
     fallback: list[str] = field(default_factory=list)  # tensors merged by the fallback, without statistics
     adapter: dict[str, Any] | None = None  # an adapter output: its rank, modules and truncation errors
+    damage: list[ModelDamage] = field(default_factory=list)  # each model's predicted loss increase (sidecars)
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
@@ -91,8 +93,9 @@ def _from_block(job: Job, block: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool = True
-              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None, list[Any] | None]]:
-    """Yield each job with its loaded inputs, statistics and (a factored job) delta factors, reading ahead on a
+              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None, list[Any] | None, list[Any]]]:
+    """Yield each job with its loaded inputs, statistics, (a factored job) delta factors and, per output, what
+    predicting its damage reads (``mergesmith.damage``; None without sidecars), reading ahead on a
     thread by at most ``depth`` jobs. With ``check_inputs``, a weight holding NaN or infinities is an error naming
     model and tensor (checked here, on the reader's thread, where it overlaps the compute)."""
 
@@ -112,7 +115,10 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool 
                     return
                 stats = job.stats.load() if job.stats is not None else None
                 factors = [r.source.low_rank(r.key) for r in job.inputs] if job.factored else None
-                loaded.put((job, [load(r) for r in job.reads], stats, factors))
+                damage = [None if out.damage is None else
+                          (out.damage.load(), None if out.damage.reference is None else load(out.damage.reference))
+                          for out in job.outputs]
+                loaded.put((job, [load(r) for r in job.reads], stats, factors, damage))
             loaded.put(None)
         except BaseException as e:  # re-raised on the consuming thread
             loaded.put(e)
@@ -137,22 +143,26 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
             compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 1,
             allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
     """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``. NaN or infinite
-    values in an input or a result are an error unless ``allow_nonfinite``."""
+    values in an input or a result are an error unless ``allow_nonfinite``. Where the plan predicts damage
+    (sidecars), the summary carries each model's (``MergeSummary.damage``)."""
     device = check_device(device)
     start = time.perf_counter()
     bytes_read = bytes_written = 0
     reports: dict[str, dict[str, Any]] = {}
     # closing: on an error or an interrupt the reader thread is stopped and joined here, not left running
     # into interpreter shutdown (where a live thread reading a tensor aborts the process)
+    meter = damage_meter(plan)
     jobs = contextlib.closing(_prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite))
     with jobs as loaded:
-        for job, tensors, stats, factors in loaded:
+        for job, tensors, stats, factors, damage in loaded:
             bytes_read += sum(t.numel() * t.element_size() for t in tensors)
             report: dict[str, Any] = {}
             results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
                               report=report, check_result=not allow_nonfinite, factors=factors)
             if report:
                 reports[job.name] = report
+            if meter is not None:
+                _predict_damage(meter, job, tensors, results, damage)
             for name, result in results.items():
                 bytes_written += result.numel() * result.element_size()
                 sink(name, result)
@@ -160,7 +170,31 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
                 on_tensor(job)
     return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
                         bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
-                        fallback=list(plan.fallback))
+                        fallback=list(plan.fallback), damage=meter.report() if meter is not None else [])
+
+
+def damage_meter(plan: Plan) -> DamageMeter | None:
+    """A meter for every model some job predicts damage for, or None when no input has a sidecar."""
+    planned = [out.damage for job in plan.jobs for out in job.outputs if out.damage is not None]
+    if not planned:
+        return None
+    models = list(dict.fromkeys(m for p in planned for m in p.models))
+    with_base = all(p.reference is not None or out.base is not None
+                    for job in plan.jobs for out in job.outputs if (p := out.damage) is not None)
+    return DamageMeter(models, with_base)
+
+
+def _predict_damage(meter: DamageMeter, job: Job, tensors: list[torch.Tensor], results: dict[str, torch.Tensor],
+                    damage: list[Any]) -> None:
+    start = 0
+    for out, loaded in zip(job.outputs, damage):
+        own = tensors[start:start + len(out.own_reads)]
+        start += len(out.own_reads)
+        if loaded is None or out.name not in results:
+            continue
+        stats, reference = loaded
+        base, inputs = (own[0], own[1:]) if out.base is not None else (reference, own)
+        meter.add(out.name, results[out.name], base, inputs, out.damage, stats)
 
 
 def peak_rss_bytes() -> int:

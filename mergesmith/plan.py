@@ -17,6 +17,7 @@ import torch
 
 from mergesmith.architecture import EMBEDDING_HINTS, HEAD_PREFIXES, is_head, split_layer_name
 from mergesmith.config import Recipe, resolve
+from mergesmith.damage import DamagePlan, curvature_ref
 from mergesmith.errors import CheckpointError, MergeWarning, RecipeError, StatisticsError
 from mergesmith.io.adapter import adapter_files
 from mergesmith.io.checkpoint import TensorSource
@@ -45,6 +46,7 @@ class Job:
     stats: TensorStats | None = None  # what a curvature method reads besides weights
     companion: Job | None = None  # a bias merged in one block with this weight (K-FAC), read and written along
     factored: bool = False  # every input is an adapter over this base: the method gets each delta's factors
+    damage: DamagePlan | None = None  # how to predict each model's loss increase from its sidecar
 
     @property
     def own_reads(self) -> list[TensorInput]:
@@ -117,8 +119,9 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def _read_bytes(job: Job) -> int:
     # an adapter's touched tensor arrives in float32, whatever its stored dtype
+    references = [out.damage.reference for out in job.outputs if out.damage is not None and out.damage.reference]
     weights = sum(_nbytes(r.source.shape(r.key), getattr(r.source, "loaded_dtype", r.source.dtype)(r.key))
-                  for r in job.reads)
+                  for r in job.reads + references)
     return weights + 4 * _stats_elements(job)
 
 
@@ -128,19 +131,23 @@ def _stats_elements(job: Job) -> int:
     for each in job.outputs:
         for refs in (each.stats.refs if each.stats is not None else []):
             total += sum(math.prod(ref.sidecar.shape(ref.key)) for ref in refs.values() if ref.kind in KINDS)
+        for curvature in (each.damage.curvatures if each.damage is not None else []):  # loaded again, on their own
+            total += sum(math.prod(ref.sidecar.shape(ref.key)) for ref in (curvature.refs if curvature else ()))
     return total
 
 
 def _work_bytes(job: Job) -> int:
     """Working copies while computing: every input and the method's temporaries of the output's size in
     float32 (``MergeMethod.work_copies``: 3 for elementwise methods); with statistics, float64 solves (CG keeps
-    residual, direction, product and iterate per model) and a float64 copy of each statistic."""
+    residual, direction, product and iterate per model) and a float64 copy of each statistic. Predicting damage
+    comes after and holds 5 float32 copies at most (the input, δ, G δ, G δ A, the result)."""
     elements = sum(math.prod(out.shape) for out in job.outputs)
+    damage = 4 * elements * 5 if any(out.damage is not None for out in job.outputs) else 0
     if job.stats is None:
         inputs = len(job.own_reads)
         per_model, fixed = max((out.method.work_copies for out in job.outputs), key=lambda c: c[0] * inputs + c[1])
-        return 4 * elements * (inputs + per_model * inputs + fixed)
-    return 8 * elements * (len(job.own_reads) + 6) + 8 * _stats_elements(job)
+        return max(4 * elements * (inputs + per_model * inputs + fixed), damage)
+    return max(8 * elements * (len(job.own_reads) + 6) + 8 * _stats_elements(job), damage)
 
 
 
@@ -234,8 +241,10 @@ def seed_for(seed: int, name: str) -> int:
 
 class _Planner:
     def __init__(self, recipe: Recipe, method: MergeMethod, source: Callable[[str], TensorSource],
-                 open_stats: Callable[[str], StatsSource] | None):
+                 open_stats: Callable[[str], StatsSource] | None, damage: bool = True):
         self.recipe, self.method, self.source = recipe, method, source
+        self.damage = damage
+        self.reference_source = source  # where a base the method does not read is opened for forgetting
         self.uses_base = method.base != "ignored"
         self.open_stats = open_stats
         self.sidecars: dict[str, Sidecar] = {}
@@ -310,7 +319,36 @@ class _Planner:
         out_dtype = self.recipe.output_dtype if stored.is_floating_point and self.recipe.output_dtype else stored
         stats = self.tensor_stats(name, shape, kwargs, base_src, others, key_of) if stored.is_floating_point else None
         factored = self.method.low_rank and base is not None and all(_adapter_over(i, base) for i in inputs)
-        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype, stats, factored=factored)
+        damage = self.damage_plan(shape, out_slice, base_src, others, key_of) \
+            if self.damage and stored.is_floating_point else None
+        return Job(name, self.method, base, inputs, kwargs, shape, out_dtype, stats, factored=factored, damage=damage)
+
+    def damage_plan(self, shape: tuple[int, ...], out_slice: _Slice, base_src: _Source | None,
+                    others: list[_Source], key_of: Callable[[_Source], str]) -> DamagePlan | None:
+        """Each merged model's curvature for this tensor from its sidecar (``mergesmith.damage``), and the base's
+        tensor for forgetting when the method does not read it; None when no model has a sidecar."""
+        models, indices, curvatures = [], [], []
+        for index, src in enumerate(others):
+            sidecar = self.sidecar(src)
+            if sidecar is None:
+                continue
+            key = key_of(src)
+            weight = key.removesuffix(".bias") + ".weight" if key.endswith(".bias") else None
+            holder = self.source(src.model)
+            weight_shape = holder.shape(weight) if weight is not None and weight in holder.keys() else None
+            curvature = curvature_ref(key, shape, sidecar, weight_shape)
+            if curvature is not None and key in sidecar.fingerprints:
+                self._check_fingerprint(src.model, key, sidecar)
+            models.append(src.model)
+            indices.append(index)
+            curvatures.append(curvature)
+        if not models:
+            return None
+        reference = None
+        base_model = out_slice.base_model
+        if base_src is None and base_model is not None and self.recipe.models is not None:
+            reference = TensorInput(self.reference_source(base_model), key_of(others[0]))
+        return DamagePlan(models, indices, curvatures, reference)
 
     def _is_per_model(self, key: str) -> bool:
         try:
@@ -329,9 +367,10 @@ def _adapter_over(read: TensorInput, base: TensorInput) -> bool:
 
 
 def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
-               open_stats: Callable[[str], StatsSource] | None = None) -> Plan:
+               open_stats: Callable[[str], StatsSource] | None = None, *, damage: bool = True) -> Plan:
     """Turn a recipe into one job per output tensor; every input (statistics included, opened with
-    ``open_stats``) is checked before anything is read."""
+    ``open_stats``) is checked before anything is read. With ``damage``, every job also plans the prediction of
+    each model's loss increase from the sidecars the recipe names (``mergesmith.damage``)."""
     method = get_method(recipe.merge_method)
     cache: dict[str, TensorSource] = {}
 
@@ -378,7 +417,10 @@ def build_plan(recipe: Recipe, open_source: Callable[[str], TensorSource],
         raise RecipeError(f"'slices' need a model with one stack of layers; found {len(layered)} "
                           f"({', '.join(sorted(layered)) or 'none'})")
 
-    planner = _Planner(recipe, method, source, open_stats)
+    planner = _Planner(recipe, method, source, open_stats, damage)
+    unread: dict[str, TensorSource] = {}  # a base only forgetting reads is no input of the merge (plan.sources)
+    planner.reference_source = lambda model: cache.get(model) or unread.get(model) or unread.setdefault(
+        model, open_source(model))
     if heads_kept:  # head tensors are copied (or kept aside), not merged
         post = [k for k in post if not is_head(k, head_prefixes)]
         pre = [k for k in pre if not is_head(k, head_prefixes)]

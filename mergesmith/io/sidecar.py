@@ -97,10 +97,12 @@ def check_writable(directory: str | Path, overwrite: bool = False, inputs: tuple
 def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: dict[str, int], *,
                model: str, fisher_variant: str | None = None, transposed: list[str] | None = None,
                fingerprints: dict[str, str] | None = None, skipped: dict[str, dict] | None = None,
-               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+               examples: int = 0, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write a sidecar; ``counts`` maps each tensor key to the number of examples (or rows) in its mean.
     ``skipped`` records the modules ``measure`` left out on purpose, {module: {"kinds": [key prefixes],
     "reason": "..."}} (``--exclude``, the factor budget), so that a merge can say why a statistic is absent.
+    ``examples`` is how many examples the statistics were measured on (0: not recorded): it turns K-FAC's
+    per-row factors into a per-example curvature (``mergesmith.damage``).
 
     One ``stats.safetensors`` when the tensors fit in ``max_shard_size`` bytes (5GB, 200MB, ...), else
     shards and an index. Everything is written to a temporary folder first (see ``_write_atomically``), so
@@ -115,6 +117,8 @@ def save_stats(directory: str | Path, tensors: dict[str, torch.Tensor], counts: 
     metadata = {"format": FORMAT, "kinds": ",".join(kinds), "counts": json.dumps(counts), "model": model}
     if fisher_variant:
         metadata["fisher_variant"] = fisher_variant
+    if examples:
+        metadata["examples"] = str(int(examples))
     if transposed:  # modules whose weight is stored (in, out), GPT-2's Conv1D: a reader must know the layout
         metadata["transposed"] = json.dumps(sorted(transposed))
     if fingerprints:  # which weights were measured: a merge checks them against the checkpoint it reads
@@ -413,4 +417,13 @@ def combine_stats(sources: list[str | Path], output: str | Path, *,
     return save_stats(output, tensors, counts, model=first.model, fisher_variant=first.fisher_variant,
                       transposed=json.loads(first.metadata.get("transposed", "[]")),
                       fingerprints=json.loads(first.metadata.get("fingerprints", "{}")),
-                      skipped=json.loads(first.metadata.get("skipped", "{}")), max_shard_size=limit)
+                      skipped=json.loads(first.metadata.get("skipped", "{}")), max_shard_size=limit,
+                      examples=sum(recorded_examples(r.metadata) for r in readers))
+
+
+def recorded_examples(metadata: dict[str, Any]) -> int:
+    """The examples a sidecar's statistics were measured on, 0 when its metadata does not say (older sidecars)."""
+    try:
+        return max(int(metadata.get("examples", 0)), 0)
+    except (TypeError, ValueError):
+        return 0

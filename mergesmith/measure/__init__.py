@@ -53,11 +53,13 @@ class Statistics:
     transposed: list[str] = field(default_factory=list)  # modules whose weight is (in, out): GPT-2's Conv1D
     fingerprints: dict[str, str] = field(default_factory=dict)  # parameter -> weights_fingerprint
     skipped: dict[str, dict] = field(default_factory=dict)  # module -> {"kinds": [...], "reason": "..."}
+    examples: int = 0  # how many examples were measured
 
     def save(self, directory: str | Path, max_shard_size: str | int = "5GB") -> Path:
         return save_stats(directory, self.tensors, self.counts, model=self.model,
                           fisher_variant=self.fisher_variant, transposed=self.transposed,
-                          fingerprints=self.fingerprints, skipped=self.skipped, max_shard_size=max_shard_size)
+                          fingerprints=self.fingerprints, skipped=self.skipped, examples=self.examples,
+                          max_shard_size=max_shard_size)
 
 
 class _Sums:
@@ -280,7 +282,7 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], *, log_li
     transposed = [name for name, module in hooked.items() if type(module).__name__ == "Conv1D"]
     fingerprints = {name: weights_fingerprint(p) for name, p in model.named_parameters()}
     return Statistics(tensors, counts, model_identity(shapes), fisher_variant if "fisher" in kinds else None,
-                      transposed, fingerprints, selection.skipped)
+                      transposed, fingerprints, selection.skipped, seen)
 
 
 def _all_reduce(sums: _Sums, seen: int) -> int:
