@@ -14,8 +14,8 @@ import torch
 from mergesmith.architecture import split_layer_name
 from mergesmith.checks import check_device
 from mergesmith.config import Recipe, load_recipe, parse_recipe
-from mergesmith.errors import MergeWarning, OutputError, RecipeError, UsageError, human_size
 from mergesmith.damage import ModelDamage
+from mergesmith.errors import MergeWarning, OutputError, RecipeError, UsageError, human_size
 from mergesmith.execute import MergeSummary, execute
 from mergesmith.io.adapter import AdapterSource, adapter_files, open_model, split_adapter_reference
 from mergesmith.io.adapter_writer import CONV1D_MODEL_TYPES, AdapterWriter

@@ -105,7 +105,8 @@ def test_damage_is_the_kfac_and_fisher_quadratic_of_each_model(measured, tmp_pat
         assert got.kinds["kfac"] > 0 and got.kinds["fisher"] > 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Predicted damage" in card and str(measured["ft1"]) in card.split("## Predicted damage")[1]
-    assert f"`{measured['base']}`" not in card.split("Models merged:")[1].split("##")[0]  # forgetting's base is no input
+    merged_list = card.split("Models merged:")[1].split("##")[0]
+    assert f"`{measured['base']}`" not in merged_list  # forgetting's reference is no input of the merge
 
 
 def test_a_merge_equal_to_one_fine_tune_does_it_no_damage(measured):
