@@ -34,6 +34,7 @@ from mergesmith.measure.hf import adapter_head
 from mergesmith.methods.registry import REQUIRED
 from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.statistics import MemoryStats
+from mergesmith.tune import tune
 
 
 def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe, str]:
@@ -109,7 +110,8 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
           max_shard_size: str | int = "5GB", overwrite: bool = False, seed: int = 0,
           allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None,
           on_plan: Callable[[Plan], None] | None = None, on_notice: Callable[[str], None] | None = None,
-          adapter_rank: int | None = None, damage: bool = True) -> MergeSummary:
+          adapter_rank: int | None = None, damage: bool = True,
+          on_tune: Callable[[int, int, str], None] | None = None) -> MergeSummary:
     """Merge the checkpoints a recipe names into a Hugging Face directory at ``output``.
 
     ``recipe`` is a path to a YAML file, a dict, or a Recipe. Model paths are local (relative paths are
@@ -120,12 +122,21 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     the side (leftovers of a killed run removed). ``adapter_rank`` R writes, instead of a full model, a PEFT LoRA
     adapter of rank ≤ R holding the merge's difference from the recipe's base_model (``AdapterWriter``). Where
     models have sidecars, ``damage`` predicts each one's loss increase while merging (``MergeSummary.damage``,
-    and a section of the model card; ``mergesmith.damage``).
+    and a section of the model card; ``mergesmith.damage``). A recipe with a ``tune:`` block is tuned first
+    (``mergesmith.tune``; ``on_tune(done, total, text)`` hears the search) and the tuned plain recipe merged.
     """
     recipe, label = _as_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     check_device(device)
     output = Path(output)
+    tuning = None
+    if recipe.tune is not None:
+        check_output(output, overwrite, _protected(recipe, label))  # before the search, not after it
+        spec = recipe.tune.model_dump(exclude_none=True)
+        tuning = tune(recipe, device=device, seed=seed, on_progress=on_tune)
+        recipe, notes = tuning.recipe, tuning.card(spec)
+    else:
+        notes = []
     plan, config_dir, tokenizer_dir = _checked(recipe, label, output, overwrite, damage)
     base = _adapter_base(recipe, plan, adapter_rank) if adapter_rank is not None else None
     if on_plan is not None:
@@ -133,7 +144,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     if base is not None:
         return _merge_to_adapter(recipe, label, plan, base, output, adapter_rank, overwrite=overwrite, device=device,
                                  seed=seed, allow_nonfinite=allow_nonfinite, on_tensor=on_tensor,
-                                 on_notice=on_notice, tokenizer_dir=tokenizer_dir)
+                                 on_notice=on_notice, tokenizer_dir=tokenizer_dir, notes=notes, tuning=tuning)
     with atomic_output_dir(output, overwrite, inputs=_protected(recipe, label), log=on_notice) as directory:
         outputs = [OutputTensor(out.name, out.shape, out.out_dtype) for job in plan.jobs for out in job.outputs]
         writer = ShardedWriter(directory, outputs, shard_bytes, metadata={"mergesmith_method": plan.method.name})
@@ -149,11 +160,11 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
         base = recipe.base_model if plan.method.base != "ignored" else None  # an unused base is no base
         models = sorted({s.name for s in plan.sources} - {base})
         write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name, base_model=base,
-                         models=models, notes=damage_card(summary.damage),
+                         models=models, notes=notes + damage_card(summary.damage),
                          reproduce=reproduction(recipe, plan, seed=seed, device=device,
                                                 allow_nonfinite=allow_nonfinite))
         files += _write_kept_heads(plan, directory)
-    summary.output, summary.files = str(output), files
+    summary.output, summary.files, summary.tuning = str(output), files, tuning
     return summary
 
 
@@ -173,7 +184,7 @@ def _adapter_base(recipe: Recipe, plan: Plan, rank: int) -> TensorSource:
 def _merge_to_adapter(recipe: Recipe, label: str, plan: Plan, base: TensorSource, output: Path, rank: int, *,
                       overwrite: bool, device: str, seed: int, allow_nonfinite: bool,
                       on_tensor: Callable[[Job], None] | None, on_notice: Callable[[str], None] | None,
-                      tokenizer_dir: Path | None) -> MergeSummary:
+                      tokenizer_dir: Path | None, notes: list[str], tuning: Any) -> MergeSummary:
     """``merge`` with ``adapter_rank``: every output tensor is computed in float32 and handed to an
     ``AdapterWriter``, which keeps the factors of its difference from ``base``."""
     for job in plan.jobs:  # the delta is taken from the float32 result, before any rounding to the output dtype
@@ -198,8 +209,8 @@ def _merge_to_adapter(recipe: Recipe, label: str, plan: Plan, base: TensorSource
                          base_model=recipe.base_model, models=models, library_name="peft",
                          reproduce=reproduction(recipe, plan, seed=seed, device=device,
                                                 allow_nonfinite=allow_nonfinite, extra=options),
-                         notes=adapter_card(writer) + damage_card(summary.damage))
-    summary.output, summary.files = str(output), files
+                         notes=notes + adapter_card(writer) + damage_card(summary.damage))
+    summary.output, summary.files, summary.tuning = str(output), files, tuning
     summary.bytes_written = (output / files[0]).stat().st_size
     summary.adapter = {"rank": rank, "modules": len(writer.errors), "overall_error": writer.overall_error(),
                        "worst": writer.summary()}

@@ -338,6 +338,44 @@ class OutputSlice(_Strict):
         return _reject_unsupported(data, "slices[].")
 
 
+TUNE_OBJECTIVES = ("sum", "max")
+
+
+class TuneSpec(_Strict):
+    """``tune:``: coefficients the engine chooses by minimising the models' predicted damage (docs/damage.md,
+    "Tuning"). ``parameters`` are the method's numeric parameters to choose (one value per model for a
+    per-model one such as ``weight``, one for the merge otherwise); ``objective`` combines the models'
+    normalised predicted damages; ``bounds`` limit each parameter; ``trials`` caps a search's evaluations
+    (each one merge pass without writing) where the damage is not quadratic in the parameters."""
+
+    parameters: list[str]
+    objective: str = "sum"
+    bounds: dict[str, tuple[float, float]] | None = None
+    trials: int = 32
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneSpec:
+        if not self.parameters:
+            raise _Located("recipe: tune.parameters must name at least one parameter to choose",
+                           ("tune", "parameters"))
+        if len(set(self.parameters)) != len(self.parameters):
+            raise _Located("recipe: tune.parameters names a parameter twice", ("tune", "parameters"))
+        if self.objective not in TUNE_OBJECTIVES:
+            raise _Located(f"recipe: tune.objective {short(self.objective)} must be sum or max"
+                           f"{did_you_mean(self.objective, TUNE_OBJECTIVES)}", ("tune", "objective"))
+        if self.trials < 1:
+            raise _Located(f"recipe: tune.trials must be at least 1, got {self.trials}", ("tune", "trials"))
+        for name, (low, high) in (self.bounds or {}).items():
+            if name not in self.parameters:
+                raise _Located(f"recipe: tune.bounds.{short(name)} is not among tune.parameters "
+                               f"{self.parameters}", ("tune", "bounds", name))
+            if not low < high or not all(abs(v) < float("inf") for v in (low, high)):
+                raise _Located(f"recipe: tune.bounds.{name} must be [low, high] with low < high, got "
+                               f"[{low}, {high}]", ("tune", "bounds", name))
+        return self
+
+
 class Recipe(_Strict):
     """A validated merge recipe (see the module docstring for parameter settings).
 
@@ -356,6 +394,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     heads: str = "merge"  # merge | base | each | a model's path: what happens to the task heads
     head_tensors: list[str] | None = None  # name prefixes of the head tensors (default: HEAD_PREFIXES)
+    tune: TuneSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -391,7 +430,48 @@ class Recipe(_Strict):
             raise _Located("recipe: tokenizer_source: union (vocabulary merging) is not supported; use 'base' or "
                            "a model", ("tokenizer_source",))
         self._check_parameters()
+        if self.tune is not None:
+            self._check_tune()
         return self
+
+    def _check_tune(self) -> None:
+        """What tuning needs from the rest of the recipe: numeric parameters of the method, and every model's
+        statistics (the objective is their predicted damage)."""
+        from mergesmith.methods import get_method
+
+        method = get_method(self.merge_method)
+        names = [p.name for p in method.params if p.kind in (float, int)]
+        for i, name in enumerate(self.tune.parameters):
+            if name not in names:
+                raise _Located(f"recipe: tune.parameters: {short(name)} is not a numeric parameter of "
+                               f"{self.merge_method} ({', '.join(names) or 'it has none'})"
+                               f"{did_you_mean(str(name), names)}", ("tune", "parameters", i))
+        if self.slices is not None:
+            raise _Located("recipe: tune: works on a models: recipe, not on slices", ("tune",))
+        for i, m in enumerate(self.models):
+            if m.stats is None:
+                raise _Located(f"recipe: tune: models[{i}] ({short(m.model)}) has no stats; tuning minimises each "
+                               f"model's predicted damage, which needs every model's sidecar (mergesmith "
+                               f"measure)", ("models", i))
+
+    def without_tune(self, values: dict[str, Any] | None = None) -> Recipe:
+        """The plain recipe: no ``tune:`` block, and ``values`` (parameter -> one value, or a list with one per
+        model) written into it, per model where the value is a list."""
+        data = self.model_dump(exclude_none=True)
+        data.pop("tune", None)
+        for name, value in (values or {}).items():
+            if isinstance(value, list):
+                for entry, v in zip(data["models"], value):
+                    entry["parameters"] = {**entry.get("parameters", {}), name: v}
+                if name in data.get("parameters", {}):
+                    del data["parameters"][name]  # the per-model values are the chosen ones
+            else:
+                data["parameters"] = {**data.get("parameters", {}), name: value}
+                for entry in data["models"]:
+                    entry.get("parameters", {}).pop(name, None)
+        if "base_stats" in data:  # written back the way a recipe states it
+            data["base_model"] = {"model": data.pop("base_model"), "stats": data.pop("base_stats")}
+        return parse_recipe(data)
 
     def _check_parameters(self) -> None:
         """Check every parameter setting against the method's declaration, and store each value as the

@@ -147,14 +147,13 @@ class DamageMeter:
 
     def __init__(self, models: Sequence[str], with_base: bool):
         self.models = {m: ModelDamage(m, forgetting=0.0 if with_base else None) for m in models}
-        self._pending: dict[tuple[str, str], dict[str, Any]] = {}  # (model, module) -> half a K-FAC block
+        self._halves = _CrossTerms()
 
     def add(self, name: str, merged: Tensor, base: Tensor | None, inputs: Sequence[Tensor], plan: DamagePlan,
             loaded: Sequence[list[Tensor] | None]) -> None:
         """One output tensor ``merged`` against each model's ``inputs`` (and the ``base``, for forgetting)."""
         theta = merged.float()
         for model, index, curvature, stats in zip(plan.models, plan.inputs, plan.curvatures, loaded):
-            own = inputs[index]
             record = self.models[model]
             if curvature is None or stats is None:
                 record.uncovered += 1
@@ -162,47 +161,116 @@ class DamageMeter:
             if record.kinds and (curvature.unit != record.unit):
                 continue  # a Gram-only model never gets a loss term, nor the other way round
             record.unit = curvature.unit
-            own = own.float().to(theta.device)
-            damage = self._quadratic(model, name, curvature, stats, theta - own, "merge")
-            lost = self._quadratic(model, name, curvature, stats, base.float() - own, "base") \
-                if base is not None and record.forgetting is not None else None
+            own = inputs[index].float().to(theta.device)
+            forgetting = base is not None and record.forgetting is not None
+            vectors = [theta - own] + ([base.float().to(theta.device) - own] if forgetting else [])
+            forms = self._halves.forms((model, curvature.module), curvature, stats, vectors)
+            damage = float(forms[0, 0])
             record.kinds[curvature.kind] = record.kinds.get(curvature.kind, 0) + 1
             record.tensors[name] = record.tensors.get(name, 0.0) + damage
             record.total += damage
-            if lost is not None:
-                record.forgetting += lost
-
-    def _quadratic(self, model: str, name: str, curvature: CurvatureRef, stats: list[Tensor], delta: Tensor,
-                   side: str) -> float:
-        if curvature.kind == "fisher":
-            return 0.5 * float((stats[0].to(delta) * delta.square()).sum(dtype=torch.float64))
-        if curvature.kind == "gram":
-            d = delta.T if curvature.transposed else delta
-            return 0.5 * float(((d @ stats[0].to(d)) * d).sum(dtype=torch.float64))
-        a, g = (s.to(delta) for s in stats)
-        s = curvature.scale
-        if curvature.role == "weight":
-            d = delta.T if curvature.transposed else delta
-            inner = d.shape[1]
-            gd = g @ d
-            value = 0.5 * s * float(((gd @ a[:inner, :inner]) * d).sum(dtype=torch.float64))
-            half = {"u": gd @ a[:inner, inner]} if a.shape[0] == inner + 1 else None
-        else:  # the bias column of an augmented block
-            value = 0.5 * s * float(a[-1, -1]) * float(delta @ (g @ delta))
-            half = {"d": delta}
-        if half is not None:
-            value += self._cross(model, curvature.module, side, half, s)
-        return value
-
-    def _cross(self, model: str, module: str, side: str, half: dict[str, Tensor], scale: float) -> float:
-        """The weight–bias cross term s·dᵀ G D a of a K-FAC block, once both of its halves have arrived."""
-        key = (model, f"{module}/{side}")
-        other = self._pending.pop(key, None)
-        if other is None:
-            self._pending[key] = half
-            return 0.0
-        both = {**other, **half}
-        return scale * float((both["d"].double() * both["u"].double()).sum())
+            if forgetting:
+                record.forgetting += float(forms[1, 1])
 
     def report(self) -> list[ModelDamage]:
         return list(self.models.values())
+
+
+@dataclass
+class Moments:
+    """Model i's damage as a quadratic in the coefficients of a task-vector merge: for θ = θ_0 + Σ_j c_j τ_j
+    (τ_j = θ_j − θ_0, θ_0 the base), ΔL_i(c) = (c − e_i)ᵀ M_i (c − e_i) with M_i[j, k] = ½ τ_jᵀ F_i τ_k summed
+    over the tensors model i has curvature for, in total and per layer (``ModelDamage.by_layer``'s groups)."""
+
+    model: str
+    index: int  # model i's position among the merged models (its e_i)
+    unit: str = LOSS
+    total: Tensor | None = None
+    layers: dict[str, Tensor] = field(default_factory=dict)
+
+    def damage(self, coefficients: Tensor) -> float:
+        """ΔL_i at these coefficients (float64, one per merged model)."""
+        offset = coefficients.double().clone()
+        offset[self.index] -= 1.0
+        return float(offset @ self.total @ offset)
+
+    @property
+    def forgetting(self) -> float:
+        return float(self.total[self.index, self.index])
+
+
+class MomentMeter:
+    """Accumulates ``Moments`` for every model with a sidecar in one pass over a merge's inputs (the merged
+    tensors themselves are not needed): what tuning a linear merge's coefficients exactly needs."""
+
+    def __init__(self, models: Sequence[str]):
+        self.models = {m: Moments(m, i) for i, m in enumerate(models)}
+        self._halves = _CrossTerms()
+
+    def add(self, name: str, merged: Tensor, base: Tensor | None, inputs: Sequence[Tensor], plan: DamagePlan,
+            loaded: Sequence[list[Tensor] | None]) -> None:
+        reference = (base if base is not None else inputs[0]).float()
+        vectors = [x.float().to(reference.device) - reference for x in inputs]
+        parts = split_layer_name(name)
+        group = f"{parts[0]}.{parts[1]}" if parts else name
+        for model, curvature, stats in zip(plan.models, plan.curvatures, loaded):
+            if curvature is None or stats is None or curvature.unit == GRAM_UNIT:
+                continue
+            record = self.models[model]
+            record.unit = curvature.unit
+            forms = self._halves.forms((model, curvature.module), curvature, stats, vectors)
+            record.total = forms if record.total is None else record.total + forms
+            record.layers[group] = record.layers[group] + forms if group in record.layers else forms
+
+    def report(self) -> list[Moments]:
+        return list(self.models.values())
+
+
+def _pairs(lefts: Sequence[Tensor], rights: Sequence[Tensor]) -> Tensor:
+    """Σ lefts[j] ⊙ rights[k] for every pair, summed in float64."""
+    return torch.tensor([[float((left * right).sum(dtype=torch.float64)) for right in rights] for left in lefts],
+                        dtype=torch.float64)
+
+
+def bilinear_forms(curvature: CurvatureRef, stats: list[Tensor], vectors: Sequence[Tensor]
+                   ) -> tuple[Tensor, dict[str, list[Tensor]] | None]:
+    """B[j, k] = ½ x_jᵀ F x_k for every pair of ``vectors`` (changes of one tensor), from this tensor's part of
+    the curvature, and for one side of a K-FAC block with a bias what its weight–bias cross term needs."""
+    if curvature.kind == "fisher":
+        fisher = stats[0].to(vectors[0])
+        return 0.5 * _pairs(vectors, [fisher * x for x in vectors]), None
+    if curvature.role == "bias":  # the bias column of an augmented K-FAC block
+        a, g = (s.to(vectors[0]) for s in stats)
+        forms = 0.5 * curvature.scale * float(a[-1, -1]) * _pairs(vectors, [g @ d for d in vectors])
+        return forms, {"d": list(vectors)}
+    matrices = [x.T if curvature.transposed else x for x in vectors]
+    if curvature.kind == "gram":
+        gram = stats[0].to(vectors[0])
+        return 0.5 * _pairs(matrices, [d @ gram for d in matrices]), None
+    a, g = (s.to(vectors[0]) for s in stats)
+    s = curvature.scale
+    inner = matrices[0].shape[1]
+    gd = [g @ d for d in matrices]
+    forms = 0.5 * s * _pairs(matrices, [m @ a[:inner, :inner] for m in gd])
+    return forms, ({"u": [m @ a[:inner, inner] for m in gd]} if a.shape[0] == inner + 1 else None)
+
+
+class _CrossTerms:
+    """The forms of K-FAC blocks whose weight and bias arrive apart: each side keeps its vectors of the layer's
+    output size until the other arrives, then adds the cross term ½ s (d_jᵀ G D_k a + d_kᵀ G D_j a)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], dict[str, list[Tensor]]] = {}
+
+    def forms(self, key: tuple[str, str], curvature: CurvatureRef, stats: list[Tensor], vectors: Sequence[Tensor]
+              ) -> Tensor:
+        forms, half = bilinear_forms(curvature, stats, vectors)
+        if half is None:
+            return forms
+        other = self._pending.pop(key, None)
+        if other is None:
+            self._pending[key] = half
+            return forms
+        both = {**other, **half}
+        cross = _pairs(both["d"], both["u"])
+        return forms + 0.5 * curvature.scale * (cross + cross.T)

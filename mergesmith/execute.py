@@ -38,6 +38,7 @@ class MergeSummary:
     fallback: list[str] = field(default_factory=list)  # tensors merged by the fallback, without statistics
     adapter: dict[str, Any] | None = None  # an adapter output: its rank, modules and truncation errors
     damage: list[ModelDamage] = field(default_factory=list)  # each model's predicted loss increase (sidecars)
+    tuning: Any = None  # a recipe's tune: block's result (mergesmith.tune.TuneResult)
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
@@ -141,17 +142,19 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool 
 
 def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: str | torch.device = "cpu",
             compute_dtype: torch.dtype = torch.float32, seed: int = 0, prefetch: int = 1,
-            allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None) -> MergeSummary:
+            allow_nonfinite: bool = False, on_tensor: Callable[[Job], None] | None = None,
+            meter: Any = None) -> MergeSummary:
     """Run every job of ``plan`` in order, handing each result to ``sink(name, tensor)``. NaN or infinite
     values in an input or a result are an error unless ``allow_nonfinite``. Where the plan predicts damage
-    (sidecars), the summary carries each model's (``MergeSummary.damage``)."""
+    (sidecars), the summary carries each model's (``MergeSummary.damage``); ``meter`` replaces the damage
+    meter (``mergesmith.damage.MomentMeter`` gathers what tuning a linear merge needs instead)."""
     device = check_device(device)
     start = time.perf_counter()
     bytes_read = bytes_written = 0
     reports: dict[str, dict[str, Any]] = {}
     # closing: on an error or an interrupt the reader thread is stopped and joined here, not left running
     # into interpreter shutdown (where a live thread reading a tensor aborts the process)
-    meter = damage_meter(plan)
+    meter = damage_meter(plan) if meter is None else meter
     jobs = contextlib.closing(_prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite))
     with jobs as loaded:
         for job, tensors, stats, factors, damage in loaded:
