@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -105,8 +106,10 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
     _reuse_freed_memory()
     progress = _merge_progress(quiet)
     task = progress.add_task("merge", total=None, name="")
+    tuning, on_tune = _tune_progress(quiet)
 
     def planned(plan) -> None:  # noqa: ANN001 — the bar appears once the plan holds, not over its errors
+        tuning.stop()
         progress.update(task, total=len(plan.jobs))
         progress.start()
 
@@ -115,11 +118,27 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
                             seed=seed, allow_nonfinite=allow_nonfinite, on_plan=planned,
                             on_tensor=lambda job: progress.update(task, advance=1, name=job.name),
                             on_notice=lambda line: _show_warning(line, MergeWarning, "", 0),
-                            adapter_rank=rank if output_adapter else None, damage=damage is not False)
+                            adapter_rank=rank if output_adapter else None, damage=damage is not False,
+                            on_tune=on_tune)
     finally:
+        tuning.stop()
         progress.stop()
     if not quiet:
         _print_summary(summary)
+
+
+def _tune_progress(quiet: bool) -> tuple[Progress, Callable[[int, int, str], None]]:
+    """A bar for a recipe's tune: block, shown from its first step, and the callback that moves it."""
+    bar = Progress(TextColumn("[bold]tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[name]}"), console=console, disable=quiet or not console.is_terminal,
+                   transient=True)
+    task = bar.add_task("tune", total=None, name="")
+
+    def step(done: int, total: int, text: str) -> None:
+        bar.start()
+        bar.update(task, completed=done, total=total, name=text)
+
+    return bar, step
 
 
 def _merge_progress(quiet: bool, verb: str = "merging") -> Progress:
@@ -156,12 +175,21 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
         table.add_row("adapter", f"rank ≤ {summary.adapter['rank']}, {summary.adapter['modules']} modules; relative "
                       f"error of the delta {summary.adapter['overall_error']:.2e} overall"
                       + (f", worst {shown}" if worst else ""))
+    if summary.tuning is not None:
+        table.add_row("tuned", tuning_line(summary.tuning))
     table.add_row("output", summary.output)
     console.print(table)
     if summary.solver:
         console.print(solver_table(summary.solver))
     if summary.damage:
         console.print(damage_table(summary.damage))
+
+
+def tuning_line(result) -> str:  # noqa: ANN001 — a TuneResult
+    values = ", ".join(f"{k} = " + (f"[{', '.join(f'{v:.4g}' for v in value)}]" if isinstance(value, list)
+                                    else f"{value:.4g}") for k, value in result.values.items())
+    before = f"{result.before:.4g} → " if result.before is not None else ""
+    return f"{values}; {result.objective} of normalised damage {before}{result.after:.4g}, {result.search}"
 
 
 def damage_table(damage: list, worst: int = 3) -> Table:  # a list of ModelDamage
@@ -228,13 +256,32 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
     listing.print(f"dry run of {recipe}: every check passed; {done}", highlight=False)
     for key, value in rows:
         listing.print(f"  {key + ':':<20}{escape(value)}", highlight=False)
+    from mergesmith.config import load_recipe
+
+    spec = load_recipe(recipe).tune
+    if spec is not None and not damage:
+        listing.print(f"  {'tune:':<20}would choose {', '.join(spec.parameters)} on the models' predicted damage "
+                      f"before merging (--damage runs the tuning and prints the tuned recipe)", highlight=False)
     if damage:
         _dry_run_damage(recipe, device=device, seed=seed, quiet=quiet)
 
 
 def _dry_run_damage(recipe: Path, *, device: str, seed: int, quiet: bool) -> None:
     from mergesmith.api import predict_damage
+    from mergesmith.config import load_recipe
+    from mergesmith.tune import tune
 
+    loaded = load_recipe(recipe)
+    if loaded.tune is not None:
+        bar, on_tune = _tune_progress(quiet)
+        try:
+            result = tune(loaded, device=device, seed=seed, on_progress=on_tune)
+        finally:
+            bar.stop()
+        listing.print(f"  {'tuned:':<20}{escape(tuning_line(result))}", highlight=False)
+        listing.print("  the tuned recipe (the tune: block's values written in):", highlight=False)
+        listing.print(escape(result.recipe.to_yaml()), highlight=False)
+        recipe = result.recipe
     progress = _merge_progress(quiet, "predicting")
     task = progress.add_task("damage", total=None, name="")
 

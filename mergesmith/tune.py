@@ -51,7 +51,7 @@ class TuneResult:
         shown = ", ".join(f"`{k}` = {_rounded(v)}" for k, v in self.values.items())
         before = f"{self.before:.4g} at the recipe's own values, " if self.before is not None else ""
         lines = ["## Tuned on predicted damage", "",
-                 f"The recipe above is the tuned one: {shown}. It was chosen by minimising the **{self.objective}** "
+                 f"The recipe below is the tuned one: {shown}. It was chosen by minimising the **{self.objective}** "
                  f"of the models' normalised predicted damage ({before}{self.after:.4g} tuned), {self.search} "
                  f"(docs/damage.md, \"Tuning\"). The `tune:` block it came from:", "", "```yaml",
                  *_yaml(spec).rstrip().splitlines(), "```", "", "| model | normalised damage, tuned |", "|---|---|"]

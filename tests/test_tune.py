@@ -138,3 +138,17 @@ def test_tune_needs_every_models_statistics(measured):  # noqa: F811
     del spec["models"][1]["stats"]
     with pytest.raises(RecipeError, match=r"models\[1\] .* has no stats"):
         parse_recipe({**spec, "tune": {"parameters": ["weight"]}})
+
+
+def test_cli_tunes_with_a_summary_line_and_a_dry_run_prints_the_tuned_recipe(measured, tmp_path, write_recipe,  # noqa: F811
+                                                                             run_cli):
+    path = write_recipe({**recipe(measured, "task_arithmetic"), "tune": {"parameters": ["weight"]}})
+    dry = run_cli("merge", path, tmp_path / "out", "--dry-run")
+    assert dry.code == 0 and "would choose weight" in dry.stdout, dry.stderr
+    dry = run_cli("merge", path, tmp_path / "out", "--dry-run", "--damage")
+    assert dry.code == 0, dry.stderr
+    assert "tuned:" in dry.stdout and "merge_method: task_arithmetic" in dry.stdout and "predicted damage" in dry.stdout
+    assert not (tmp_path / "out").exists()
+    done = run_cli("merge", path, tmp_path / "out")
+    assert done.code == 0, done.stderr
+    assert "tuned" in done.stderr and "sum of normalised damage" in done.stderr
