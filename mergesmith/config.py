@@ -345,12 +345,14 @@ class TuneSpec(_Strict):
     """``tune:``: coefficients the engine chooses by minimising the models' predicted damage (docs/damage.md,
     "Tuning"). ``parameters`` are the method's numeric parameters to choose (one value per model for a
     per-model one such as ``weight``, one for the merge otherwise); ``objective`` combines the models'
-    normalised predicted damages; ``bounds`` limit each parameter; ``trials`` caps a search's evaluations
+    normalised predicted damages; ``bounds`` limit each parameter; ``shared`` names per-model parameters
+    to choose as one value for all models; ``trials`` caps a search's evaluations
     (each one merge pass without writing) where the damage is not quadratic in the parameters."""
 
     parameters: list[str]
     objective: str = "sum"
     bounds: dict[str, tuple[float, float]] | None = None
+    shared: list[str] | None = None  # per-model parameters chosen as one value for every model
     trials: int = 32
     seed: int = 0
 
@@ -366,6 +368,10 @@ class TuneSpec(_Strict):
                            f"{did_you_mean(self.objective, TUNE_OBJECTIVES)}", ("tune", "objective"))
         if self.trials < 1:
             raise _Located(f"recipe: tune.trials must be at least 1, got {self.trials}", ("tune", "trials"))
+        for name in self.shared or []:
+            if name not in self.parameters:
+                raise _Located(f"recipe: tune.shared: {short(name)} is not among tune.parameters {self.parameters}",
+                               ("tune", "shared"))
         for name, (low, high) in (self.bounds or {}).items():
             if name not in self.parameters:
                 raise _Located(f"recipe: tune.bounds.{short(name)} is not among tune.parameters "

@@ -84,7 +84,7 @@ def tune(recipe: Recipe, *, device: str = "cpu", seed: int = 0, on_progress: Pro
     if spec is None:
         raise UsageError("tune: the recipe has no tune: block")
     plain = recipe.without_tune()
-    form = _linear_form(plain, spec.parameters)
+    form = None if "weight" in (spec.shared or []) else _linear_form(plain, spec.parameters)
     if form is not None:
         return _tune_exact(plain, spec, form, device=device, seed=seed, on_progress=on_progress)
     return _tune_search(plain, spec, device=device, seed=seed, on_progress=on_progress)
@@ -270,7 +270,7 @@ def _tune_search(recipe: Recipe, spec: Any, *, device: str, seed: int, on_progre
 
     method = get_method(recipe.merge_method)
     n = len(recipe.models)
-    layout = [(name, method.param(name).per_model) for name in spec.parameters]
+    layout = [(name, method.param(name).per_model and name not in (spec.shared or [])) for name in spec.parameters]
     box: list[tuple[float, float]] = []
     start: list[float] = []
     for name, per_model in layout:

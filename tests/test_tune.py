@@ -94,6 +94,7 @@ def test_max_objective_is_the_minimax_of_the_fitted_quadratics(measured):  # noq
 
 
 def test_search_tunes_ties_density_and_the_plain_recipe_reproduces_it(measured):  # noqa: F811
+    """Per-model densities (one coordinate each), and a shared one written once into the global parameters."""
     base = recipe(measured, "ties", parameters={"weight": 1.0, "density": 0.9})
     progress = []
     result = tune(parse_recipe({**base, "tune": {"parameters": ["density"], "trials": 6,
@@ -105,6 +106,13 @@ def test_search_tunes_ties_density_and_the_plain_recipe_reproduces_it(measured):
     assert 1 < result.evaluations <= 6 and progress[-1] == (result.evaluations, 6)
     assert sum(normalised(result.recipe.model_dump(exclude_none=True)).values()) == pytest.approx(result.after,
                                                                                                    rel=1e-6)
+    shared = tune(parse_recipe({**base, "tune": {"parameters": ["density", "lambda"], "shared": ["density"],
+                                                 "trials": 4}}))
+    assert isinstance(shared.values["density"], float) and shared.evaluations <= 4
+    plain = shared.recipe
+    assert plain.parameters["density"] == shared.values["density"] and plain.parameters["lambda"] == shared.values[
+        "lambda"]
+    assert all("density" not in (m.parameters or {}) for m in plain.models)
 
 
 def test_merge_with_tune_writes_the_tuned_recipe_into_the_card(measured, tmp_path):  # noqa: F811
@@ -127,6 +135,7 @@ def test_merge_with_tune_writes_the_tuned_recipe_into_the_card(measured, tmp_pat
     ({"parameters": ["weight"], "objective": "mean"}, "must be sum or max"),
     ({"parameters": ["weight"], "bounds": {"density": [0, 1]}}, "not among tune.parameters"),
     ({"parameters": ["weight"], "bounds": {"weight": [1, 0]}}, "low < high"),
+    ({"parameters": ["weight"], "shared": ["density"]}, "not among tune.parameters"),
 ])
 def test_a_wrong_tune_block_is_one_line(measured, tune_block, message):  # noqa: F811
     with pytest.raises(RecipeError, match=message):
