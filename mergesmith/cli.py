@@ -186,10 +186,7 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
 
 
 def tuning_line(result) -> str:  # noqa: ANN001 — a TuneResult
-    values = ", ".join(f"{k} = " + (f"[{', '.join(f'{v:.4g}' for v in value)}]" if isinstance(value, list)
-                                    else f"{value:.4g}") for k, value in result.values.items())
-    before = f"{result.before:.4g} → " if result.before is not None else ""
-    return f"{values}; {result.objective} of normalised damage {before}{result.after:.4g}, {result.search}"
+    return result.line()
 
 
 def damage_table(damage: list, worst: int = 3) -> Table:  # a list of ModelDamage

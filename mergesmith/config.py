@@ -338,7 +338,8 @@ class OutputSlice(_Strict):
         return _reject_unsupported(data, "slices[].")
 
 
-TUNE_OBJECTIVES = ("sum", "max")
+TUNE_OBJECTIVES = ("sum", "max")  # of the models' normalised predicted damage
+VALIDATION_OBJECTIVES = ("loglik", "accuracy")  # the mean over models of each one's score on its data
 
 
 class TuneSpec(_Strict):
@@ -347,14 +348,27 @@ class TuneSpec(_Strict):
     per-model one such as ``weight``, one for the merge otherwise); ``objective`` combines the models'
     normalised predicted damages; ``bounds`` limit each parameter; ``shared`` names per-model parameters
     to choose as one value for all models; ``trials`` caps a search's evaluations
-    (each one merge pass without writing) where the damage is not quadratic in the parameters."""
+    (each one merge pass without writing) where the damage is not quadratic in the parameters. With ``data``
+    (each model's validation file) the objective is instead each model's mean log-likelihood or accuracy on
+    its data, averaged over the models, and every method is searched."""
+
+    @property
+    def goal(self) -> str:
+        return self.objective or ("loglik" if self.data is not None else "sum")
 
     parameters: list[str]
-    objective: str = "sum"
+    objective: str | None = None  # sum (default) or max of damages; loglik (default) or accuracy with data
     bounds: dict[str, tuple[float, float]] | None = None
     shared: list[str] | None = None  # per-model parameters chosen as one value for every model
     trials: int = 32
     seed: int = 0
+    # validation data instead of predicted damage: model (as in models:) -> a data file in measure's format
+    data: dict[str, str] | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    examples: int = 64  # per model: a seeded sample of its file
+    batch_size: int = 8
+    max_length: int = 512
 
     @model_validator(mode="after")
     def _check(self) -> TuneSpec:
@@ -363,11 +377,16 @@ class TuneSpec(_Strict):
                            ("tune", "parameters"))
         if len(set(self.parameters)) != len(self.parameters):
             raise _Located("recipe: tune.parameters names a parameter twice", ("tune", "parameters"))
-        if self.objective not in TUNE_OBJECTIVES:
-            raise _Located(f"recipe: tune.objective {short(self.objective)} must be sum or max"
-                           f"{did_you_mean(self.objective, TUNE_OBJECTIVES)}", ("tune", "objective"))
-        if self.trials < 1:
-            raise _Located(f"recipe: tune.trials must be at least 1, got {self.trials}", ("tune", "trials"))
+        allowed = VALIDATION_OBJECTIVES if self.data is not None else TUNE_OBJECTIVES
+        if self.objective is not None and self.objective not in allowed:
+            other = "" if self.objective not in (*TUNE_OBJECTIVES, *VALIDATION_OBJECTIVES) else (
+                " (with data:)" if self.data is None else " (without data:, on predicted damage)")
+            raise _Located(f"recipe: tune.objective {short(self.objective)} must be {' or '.join(allowed)}"
+                           + (f"; {self.objective} is an objective{other}" if other else
+                              did_you_mean(self.objective, allowed)), ("tune", "objective"))
+        for key in ("trials", "examples", "batch_size", "max_length"):
+            if getattr(self, key) < 1:
+                raise _Located(f"recipe: tune.{key} must be at least 1, got {getattr(self, key)}", ("tune", key))
         for name in self.shared or []:
             if name not in self.parameters:
                 raise _Located(f"recipe: tune.shared: {short(name)} is not among tune.parameters {self.parameters}",
@@ -454,6 +473,17 @@ class Recipe(_Strict):
                                f"{did_you_mean(str(name), names)}", ("tune", "parameters", i))
         if self.slices is not None:
             raise _Located("recipe: tune: works on a models: recipe, not on slices", ("tune",))
+        if self.tune.data is not None:
+            models = [m.model for m in self.models]
+            for given in self.tune.data:
+                if given not in models:
+                    raise _Located(f"recipe: tune.data: {short(given)} is not one of the recipe's models"
+                                   f"{did_you_mean(str(given), models)}", ("tune", "data", given))
+            missing = [m for m in models if m not in self.tune.data]
+            if missing:
+                raise _Located(f"recipe: tune.data has no validation file for {short(missing[0])}; give every model "
+                               f"one (model: FILE)", ("tune", "data"))
+            return
         for i, m in enumerate(self.models):
             if m.stats is None:
                 raise _Located(f"recipe: tune: models[{i}] ({short(m.model)}) has no stats; tuning minimises each "

@@ -35,27 +35,45 @@ DEFAULT_BOUNDS = (0.0, 2.0)  # for a parameter whose own interval is unbounded (
 SURROGATE_EVALUATIONS = 4000  # CMA-ES on the closed-form quadratics: microseconds each
 
 
+OBJECTIVES = {"sum": "sum of the models' normalised predicted damage", "max": "largest normalised predicted damage",
+              "loglik": "mean validation log-likelihood", "accuracy": "mean validation accuracy"}
+
+
 @dataclass
 class TuneResult:
     recipe: Recipe  # the plain recipe with the chosen values
     values: dict[str, Any]  # parameter -> one value, or a list with one per model
-    objective: str
+    objective: str  # sum, max (minimised), loglik, accuracy (maximised)
     before: float | None  # the objective at the recipe's own values (None where they are no plain numbers)
     after: float
     search: str  # how it was found
     evaluations: int  # merge passes made to find it
-    damages: dict[str, float] = field(default_factory=dict)  # each model's q_i at the chosen values
+    per_model: dict[str, float] = field(default_factory=dict)  # each model's damage or score, tuned
+
+    @property
+    def on_data(self) -> bool:
+        return self.objective in ("loglik", "accuracy")
+
+    def line(self) -> str:
+        """One line: the values, the objective before → after, how."""
+        before = f"{self.before:.4g} → " if self.before is not None else ""
+        return (f"{', '.join(f'{k} = {_rounded(v)}' for k, v in self.values.items())}; {OBJECTIVES[self.objective]} "
+                f"{before}{self.after:.4g}, {self.search}")
 
     def card(self, spec: dict[str, Any]) -> list[str]:
         """The model card's account: what was tuned, how, and the objective before and after."""
         shown = ", ".join(f"`{k}` = {_rounded(v)}" for k, v in self.values.items())
         before = f"{self.before:.4g} at the recipe's own values, " if self.before is not None else ""
-        lines = ["## Tuned on predicted damage", "",
-                 f"The recipe below is the tuned one: {shown}. It was chosen by minimising the **{self.objective}** "
-                 f"of the models' normalised predicted damage ({before}{self.after:.4g} tuned), {self.search} "
+        verb = "maximising" if self.on_data else "minimising"
+        title = "validation data" if self.on_data else "predicted damage"
+        column = "validation " + ("log-likelihood" if self.objective == "loglik" else "accuracy") if self.on_data \
+            else "normalised damage"
+        lines = [f"## Tuned on {title}", "",
+                 f"The recipe below is the tuned one: {shown}. It was chosen by {verb} the "
+                 f"{OBJECTIVES[self.objective]} ({before}{self.after:.4g} tuned), {self.search} "
                  f"(docs/damage.md, \"Tuning\"). The `tune:` block it came from:", "", "```yaml",
-                 *_yaml(spec).rstrip().splitlines(), "```", "", "| model | normalised damage, tuned |", "|---|---|"]
-        lines += [f"| `{m}` | {q:.4g} |" for m, q in self.damages.items()]
+                 *_yaml(spec).rstrip().splitlines(), "```", "", f"| model | {column}, tuned |", "|---|---|"]
+        lines += [f"| `{m}` | {q:.4g} |" for m, q in self.per_model.items()]
         return lines + [""]
 
 
@@ -84,10 +102,44 @@ def tune(recipe: Recipe, *, device: str = "cpu", seed: int = 0, on_progress: Pro
     if spec is None:
         raise UsageError("tune: the recipe has no tune: block")
     plain = recipe.without_tune()
+    if spec.data is not None:
+        return _tune_search(plain, spec, _on_data(plain, spec, device=device, seed=seed), on_progress=on_progress,
+                            what="validation pass")
     form = None if "weight" in (spec.shared or []) else _linear_form(plain, spec.parameters)
     if form is not None:
         return _tune_exact(plain, spec, form, device=device, seed=seed, on_progress=on_progress)
-    return _tune_search(plain, spec, device=device, seed=seed, on_progress=on_progress)
+    return _tune_search(plain, spec, _on_damage(spec, device=device, seed=seed), on_progress=on_progress,
+                        what="merge pass without writing")
+
+
+Evaluator = Callable[[Recipe], tuple[float, dict[str, float]]]  # a plain recipe -> (objective, per model)
+
+
+def _on_damage(spec: Any, *, device: str, seed: int) -> Evaluator:
+    """The objective on predicted damage: one merge pass without writing per evaluation."""
+    from mergesmith.api import predict_damage
+
+    def evaluate(recipe: Recipe) -> tuple[float, dict[str, float]]:
+        damages = normalised_damages(predict_damage(recipe, device=device, seed=seed).damage)
+        return objective_value(list(damages.values()), spec.goal), damages
+
+    return evaluate
+
+
+def _on_data(recipe: Recipe, spec: Any, *, device: str, seed: int) -> Evaluator:
+    """The objective on each model's validation data, read and batched once: one merge streamed into a network
+    in memory and every model's data scored on it per evaluation."""
+    from mergesmith.validation import load_validation
+
+    validation = load_validation(recipe, spec.data, text_field=spec.text_field, label_field=spec.label_field,
+                                 examples=spec.examples, batch_size=spec.batch_size, max_length=spec.max_length,
+                                 seed=spec.seed, device=device)
+
+    def evaluate(candidate: Recipe) -> tuple[float, dict[str, float]]:
+        scores = validation.score(candidate, spec.goal, device=device, seed=seed)
+        return sum(scores.values()) / len(scores), scores
+
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +245,7 @@ def _solve(recipe: Recipe, spec: Any, moments: Sequence[Any], form: _LinearForm)
     n = len(quadratics)
     given = (spec.bounds or {}).get("weight")
     bounds = (float(given[0]), float(given[1])) if given is not None else None
-    c = sum_minimiser(quadratics, form.constrained) if spec.objective == "sum" else None
+    c = sum_minimiser(quadratics, form.constrained) if spec.goal == "sum" else None
     search = "exactly: the minimiser of the sum of the models' quadratics (one pass over the inputs)"
 
     def to_weights(coefficients: Tensor) -> Tensor:
@@ -209,12 +261,12 @@ def _solve(recipe: Recipe, spec: Any, moments: Sequence[Any], form: _LinearForm)
             weights = torch.tensor(list(w), dtype=torch.float64)
             if form.constrained and abs(float(weights.sum())) < 1e-12:
                 return float("inf")
-            return objective_value(surrogate(quadratics, coefficients(weights)), spec.objective)
+            return objective_value(surrogate(quadratics, coefficients(weights)), spec.goal)
 
         box = bounds or ((0.0, 1.0) if form.constrained else DEFAULT_BOUNDS)
         weights = _cma_minimise(value, start.clamp(*box), [box] * n, SURROGATE_EVALUATIONS, spec.seed)
         c = coefficients(weights)
-        search = (f"by CMA-ES on the models' quadratics ({'max' if spec.objective == 'max' else 'sum within bounds'}; "
+        search = (f"by CMA-ES on the models' quadratics ({'max' if spec.goal == 'max' else 'sum within bounds'}; "
                   f"one pass over the inputs)")
     weights = to_weights(c)
     values: dict[str, Any] = {"weight": [float(w) for w in weights]}
@@ -222,9 +274,9 @@ def _solve(recipe: Recipe, spec: Any, moments: Sequence[Any], form: _LinearForm)
         values["lambda"] = 1.0
     before = _recipe_coefficients(recipe, form, n)
     damages = surrogate(quadratics, c)
-    return TuneResult(recipe.without_tune(values), values, spec.objective,
-                      None if before is None else objective_value(surrogate(quadratics, before), spec.objective),
-                      objective_value(damages, spec.objective), search, 1,
+    return TuneResult(recipe.without_tune(values), values, spec.goal,
+                      None if before is None else objective_value(surrogate(quadratics, before), spec.goal),
+                      objective_value(damages, spec.goal), search, 1,
                       {m.model: q for m, q in zip(moments, damages)})
 
 
@@ -263,20 +315,21 @@ def _search_bounds(recipe: Recipe, name: str, spec: Any) -> tuple[float, float]:
     return (float(low), float(high)) if finite else DEFAULT_BOUNDS
 
 
-def _tune_search(recipe: Recipe, spec: Any, *, device: str, seed: int, on_progress: Progress | None
+def _tune_search(recipe: Recipe, spec: Any, evaluator: Evaluator, *, on_progress: Progress | None, what: str
                  ) -> TuneResult:
-    from mergesmith.api import predict_damage
+    """CMA-ES over the box of the tuned parameters' bounds, from the recipe's own values; ``trials`` evaluations
+    at most (the start among them), the best one kept. Scores (``loglik``, ``accuracy``) are maximised."""
     from mergesmith.methods import get_method
 
     method = get_method(recipe.merge_method)
     n = len(recipe.models)
+    sign = -1.0 if spec.goal in ("loglik", "accuracy") else 1.0
     layout = [(name, method.param(name).per_model and name not in (spec.shared or [])) for name in spec.parameters]
     box: list[tuple[float, float]] = []
     start: list[float] = []
     for name, per_model in layout:
         low, high = _search_bounds(recipe, name, spec)
-        own = _own_values(recipe, name, method.param(name).default, n if per_model else 1)
-        for v in own:
+        for v in _own_values(recipe, name, method.param(name).default, n if per_model else 1):
             box.append((low, high))
             start.append(min(max(v, low), high) if v is not None else (low + high) / 2)
 
@@ -289,30 +342,31 @@ def _tune_search(recipe: Recipe, spec: Any, *, device: str, seed: int, on_progre
             at += n if per_model else 1
         return values
 
+    def key_of(values: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+
     seen: dict[tuple, tuple[float, dict[str, float]]] = {}
     best: list[Any] = [float("inf"), None]
 
     def evaluate(x: Sequence[float]) -> float:
         values = values_of(x)
-        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+        key = key_of(values)
         if key not in seen:
-            summary = predict_damage(recipe.without_tune(values), device=device, seed=seed)
-            damages = normalised_damages(summary.damage)
-            seen[key] = (objective_value(list(damages.values()), spec.objective), damages)
+            objective, per_model = evaluator(recipe.without_tune(values))
+            seen[key] = (sign * objective, per_model)
             if seen[key][0] < best[0]:
                 best[0], best[1] = seen[key][0], values
             if on_progress is not None:
-                on_progress(len(seen), spec.trials, f"best {best[0]:.4g}")
+                on_progress(len(seen), spec.trials, f"best {sign * best[0]:.4g}")
         return seen[key][0]
 
-    before = evaluate(start)
+    before = sign * evaluate(start)
     if spec.trials > 1:
         _cma_minimise(evaluate, torch.tensor(start, dtype=torch.float64), box, spec.trials - 1, spec.seed)
     values = best[1]
-    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
-    return TuneResult(recipe.without_tune(values), values, spec.objective, before, best[0],
-                      f"by CMA-ES over {len(box)} coordinate{'s' * (len(box) > 1)} in {len(seen)} merge passes "
-                      f"without writing", len(seen), seen[key][1])
+    return TuneResult(recipe.without_tune(values), values, spec.goal, before, sign * best[0],
+                      f"by CMA-ES over {len(box)} coordinate{'s' * (len(box) > 1)} in {len(seen)} "
+                      f"{what}{'es' * (len(seen) > 1)}", len(seen), seen[key_of(values)][1])
 
 
 def _own_values(recipe: Recipe, name: str, default: Any, count: int) -> list[float | None]:

@@ -58,7 +58,7 @@ def test_task_arithmetic_weights_are_the_minimiser_of_the_fitted_quadratic(measu
     assert plain.tune is None and plain.parameters["lambda"] == 0.5
     reproduced = normalised(plain.model_dump(exclude_none=True))
     assert sum(reproduced.values()) == pytest.approx(result.after, rel=1e-4)
-    assert result.damages == pytest.approx(reproduced, rel=1e-4)
+    assert result.per_model == pytest.approx(reproduced, rel=1e-4)
     assert result.before == pytest.approx(sum(normalised(with_weights(base, [1.0, 1.0], **{"lambda": 0.5})).values()),
                                           rel=1e-4)
     assert result.after <= min(sums) + 1e-9
@@ -160,4 +160,4 @@ def test_cli_tunes_with_a_summary_line_and_a_dry_run_prints_the_tuned_recipe(mea
     assert not (tmp_path / "out").exists()
     done = run_cli("merge", path, tmp_path / "out")
     assert done.code == 0, done.stderr
-    assert "tuned" in done.stderr and "sum of normalised damage" in done.stderr
+    assert "tuned" in done.stderr and "sum of the models' normalised predicted damage" in done.stderr

@@ -15,6 +15,10 @@ fine-tuning seed):
 4. every method variant with a tuning grid in the registry is merged at each grid point with
    ``mergesmith.merge`` (``heads: each``), the point with the best mean normalised validation accuracy is
    kept, and its test accuracy is reported. Normalised accuracy is accuracy ÷ the task's own fine-tune's.
+   The ``DAMAGE_ROWS`` have one point whose recipe carries a ``tune:`` block: the merge chooses its
+   coefficients on predicted damage (``mergesmith.tune``), with no validation data;
+5. the chosen point's predicted damage (``mergesmith.predict_damage``, every model's sidecar and the start
+   in the recipe, whatever the method reads) is recorded per task, to set against the measured loss.
 
 A suite with ``LORA = {...}`` (``peft.LoraConfig`` options) fine-tunes PEFT LoRA adapters instead of whole
 bodies: each task's head is saved inside its adapter (``modules_to_save``, frozen), the multitask reference is
@@ -62,17 +66,43 @@ class Head:
 
 @dataclass
 class Variant:
-    """One row of the benchmark: a method with fixed settings, tuned over ``grid``."""
+    """One row of the benchmark: a method with fixed settings, tuned over ``grid`` on validation, or, with
+    ``tune`` (a recipe's ``tune:`` block), one point whose coefficients the merge chooses on predicted damage."""
 
     label: str
     method: str
     grid: list[dict[str, Any]]
     data_aware: bool
+    tune: dict[str, Any] | None = None
+
+
+# Rows tuned on the damage surrogate: (label, method, the one point's fixed parameters, its tune: block). TIES's
+# search starts at the centre of its box; Fisher merging keeps the committed fisher row's choice (global
+# normalisation on every seed of both suites, the floor 1e-10 on eight of nine) and tunes the weights λ_i.
+DAMAGE_ROWS = (
+    ("task_arithmetic[damage]", "task_arithmetic", {"lambda": 1.0}, {"parameters": ["weight"]}),
+    ("ties[damage]", "ties", {"density": 0.55, "lambda": 0.8},
+     {"parameters": ["density", "lambda"], "shared": ["density"],
+      "bounds": {"density": [0.1, 1.0], "lambda": [0.1, 1.5]}, "trials": 24}),
+    ("fisher[damage]", "fisher", {"fisher_normalize": "global", "fisher_floor": 1e-10},
+     {"parameters": ["weight"], "bounds": {"weight": [0.05, 3.0]}, "trials": 24}),
+)
+QUICK_TRIALS = 4  # --quick: a search of a few merge passes, enough to run every step of it
+
+
+def damage_variants(*, quick: bool = False) -> list[Variant]:
+    """The ``DAMAGE_ROWS`` (``quick``: at most ``QUICK_TRIALS`` merge passes per search)."""
+    rows = []
+    for label, method, point, spec in DAMAGE_ROWS:
+        tune = {**spec, "trials": min(spec["trials"], QUICK_TRIALS)} if quick and "trials" in spec else dict(spec)
+        rows.append(Variant(label, method, [dict(point)], True, tune))
+    return rows
 
 
 def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
     """Every registered method that can merge ``n_models`` fine-tunes and declares a tuning grid, one row per
-    variant (``quick``: only each grid's middle point, and no variant the method calls heavy)."""
+    variant (``quick``: only each grid's middle point, and no variant the method calls heavy), then the rows
+    tuned on predicted damage."""
     rows = []
     for name in method_names():
         method = get_method(name)
