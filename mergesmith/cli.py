@@ -257,8 +257,9 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
 
     spec = load_recipe(recipe).tune
     if spec is not None and not damage:
-        listing.print(f"  {'tune:':<20}would choose {', '.join(spec.parameters)} on the models' predicted damage "
-                      f"before merging (--damage runs the tuning and prints the tuned recipe)", highlight=False)
+        basis = "their validation data" if spec.data is not None else "the models' predicted damage"
+        listing.print(f"  {'tune:':<20}would choose {', '.join(spec.parameters)} on {basis} before merging "
+                      f"(--damage runs the tuning and prints the tuned recipe)", highlight=False)
     if damage:
         _dry_run_damage(recipe, device=device, seed=seed, quiet=quiet)
 
@@ -279,6 +280,9 @@ def _dry_run_damage(recipe: Path, *, device: str, seed: int, quiet: bool) -> Non
         listing.print("  the tuned recipe (the tune: block's values written in):", highlight=False)
         listing.print(escape(result.recipe.to_yaml()), highlight=False)
         recipe = result.recipe
+        if not any(m.stats for m in result.recipe.models):
+            listing.print(f"  {'damage:':<20}no model has a sidecar: nothing to predict", highlight=False)
+            return
     progress = _merge_progress(quiet, "predicting")
     task = progress.add_task("damage", total=None, name="")
 

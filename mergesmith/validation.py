@@ -73,8 +73,13 @@ def _put(network: nn.Module, name: str, tensor: Tensor) -> None:
     state = network.state_dict()
     if name in state and state[name].shape == tensor.shape:
         state[name].copy_(tensor.to(state[name].dtype))
-    else:
-        network.load_state_dict({name: tensor.float().clone()}, strict=False, assign=True)
+        return
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = network.get_submodule(module_name)
+    except AttributeError:
+        raise UsageError(f"tune: data: the head tensor {name} has no place in the network") from None
+    setattr(module, leaf, nn.Parameter(tensor.float().clone(), requires_grad=False))
 
 
 @torch.inference_mode()
