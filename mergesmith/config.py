@@ -311,6 +311,26 @@ class ModelEntry(_Strict):
     model: str
     parameters: dict[str, Any] | None = None
     stats: str | None = None  # the model's statistics sidecar (curvature merges)
+    data: str | None = None  # calibration data measured at merge time (layer-wise methods: regmean_plusplus)
+
+
+class CalibrationSpec(_Strict):
+    """``calibration:``: how a layer-wise method reads each model's ``data:`` (as ``mergesmith measure``)."""
+
+    examples: int = 128  # per model: a seeded sample of its file
+    batch_size: int = 8
+    max_length: int = 512
+    text_field: str = "text"
+    label_field: str = "label"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> CalibrationSpec:
+        for key in ("examples", "batch_size", "max_length"):
+            if getattr(self, key) < 1:
+                raise _Located(f"recipe: calibration.{key} must be at least 1, got {getattr(self, key)}",
+                               ("calibration", key))
+        return self
 
 
 class SliceSource(_Strict):
@@ -420,6 +440,7 @@ class Recipe(_Strict):
     heads: str = "merge"  # merge | base | each | a model's path: what happens to the task heads
     head_tensors: list[str] | None = None  # name prefixes of the head tensors (default: HEAD_PREFIXES)
     tune: TuneSpec | None = None
+    calibration: CalibrationSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -457,7 +478,29 @@ class Recipe(_Strict):
         self._check_parameters()
         if self.tune is not None:
             self._check_tune()
+        self._check_calibration()
         return self
+
+    def _check_calibration(self) -> None:
+        """Calibration data is for the layer-wise methods, which need it for every model."""
+        from mergesmith.methods import get_method
+
+        layerwise = get_method(self.merge_method).layerwise
+        entries = self.models or []
+        for i, m in enumerate(entries):
+            if m.data is not None and not layerwise:
+                raise _Located(f"recipe: models[{i}].data is calibration data for a layer-wise merge "
+                               f"(regmean_plusplus); {self.merge_method} does not read it (a sidecar goes under "
+                               f"stats:, validation data under tune.data)", ("models", i, "data"))
+            if m.data is None and layerwise:
+                raise _Located(f"recipe: {self.merge_method} measures each model's statistics on the merged "
+                               f"model at merge time: models[{i}] ({short(m.model)}) needs data: FILE (its "
+                               f"calibration examples, in mergesmith measure's format)", ("models", i))
+        if layerwise and self.slices is not None:
+            raise _Located(f"recipe: {self.merge_method} works on a models: recipe, not on slices", ("slices",))
+        if self.calibration is not None and not layerwise:
+            raise _Located(f"recipe: calibration: is for layer-wise merges (regmean_plusplus), not "
+                           f"{self.merge_method}", ("calibration",))
 
     def _check_tune(self) -> None:
         """What tuning needs from the rest of the recipe: numeric parameters of the method, and every model's

@@ -112,6 +112,19 @@ def load_validation(recipe: Recipe, data: Mapping[str, str], *, text_field: str 
                     label_field: str | None = "label", examples: int = 64, batch_size: int = 8,
                     max_length: int = 512, seed: int = 0, device: str = "cpu") -> ValidationSet:
     """Every model's validation examples, checked and batched, and the network trials are merged into."""
+    from mergesmith.measure.hf import load_network
+
+    task, skeleton, prepared = model_batches(recipe, data, text_field=text_field, label_field=label_field,
+                                             examples=examples, batch_size=batch_size, max_length=max_length,
+                                             seed=seed, device=device, purpose="tune: data")
+    return ValidationSet(task, load_network(skeleton, task).to(device), prepared)
+
+
+def model_batches(recipe: Recipe, data: Mapping[str, str], *, text_field: str, label_field: str | None,
+                  examples: int, batch_size: int, max_length: int, seed: int, device: str, purpose: str
+                  ) -> tuple[str, Path, list[ModelData]]:
+    """(task, the checkpoint a network is built from, each model's batches): every model's examples read,
+    checked and tokenised as ``mergesmith measure`` does, with the model's own tokenizer (else the base's)."""
     from mergesmith.io.adapter import adapter_files
     from mergesmith.measure.data import load_examples
     from mergesmith.measure.hf import (
@@ -121,7 +134,6 @@ def load_validation(recipe: Recipe, data: Mapping[str, str], *, text_field: str 
         check_labels,
         check_tokens,
         infer_task,
-        load_network,
         load_tokenizer,
         read_config,
     )
@@ -129,12 +141,12 @@ def load_validation(recipe: Recipe, data: Mapping[str, str], *, text_field: str 
     models = [m.model for m in recipe.models]
     skeleton = Path(recipe.base_model or models[0])
     if adapter_files(str(skeleton)) is not None:
-        raise UsageError(f"tune: data: {skeleton} is an adapter; validation tuning builds the model from a full "
-                         f"checkpoint: give the recipe a base_model")
+        raise UsageError(f"{purpose}: {skeleton} is an adapter; the model is built from a full checkpoint: give "
+                         f"the recipe a base_model")
     config = read_config(skeleton)
     task = infer_task(skeleton, config)
     if task == "image-cls":
-        raise UsageError("tune: data: image classifiers are not supported yet; tune on predicted damage instead")
+        raise UsageError(f"{purpose}: image classifiers are not supported yet")
     classifier = task in CLASSIFIER_TASKS
     prepared = []
     for model in models:
@@ -150,5 +162,5 @@ def load_validation(recipe: Recipe, data: Mapping[str, str], *, text_field: str 
                               model_dir=tokenizer_dir, data=where)
         prepared.append(ModelData(model, list(batches(rows, tokenizer, batch_size=batch_size, max_length=length,
                                                       device=torch.device(device))), len(rows)))
-    network = load_network(skeleton, task).to(device)
-    return ValidationSet(task, network, prepared)
+    return task, skeleton, prepared
+

@@ -161,6 +161,19 @@ def regmean(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[
     return gram_solve(tensors, grams, weight, alpha, name)
 
 
+@register("regmean_plusplus", base="optional", layerwise=True, reference="arXiv:2508.03121", params=[
+    WEIGHT,
+    Param("alpha", float, 1.0, interval=(0.0, 1.0), help="scale of the Gram matrices' off-diagonal entries"),
+])
+def regmean_plusplus(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], alpha: float,
+                     stats: Stats, base_stats: dict, name: str) -> Tensor:
+    """RegMean++ (Nguyen et al.): RegMean whose Gram matrices of layer l are measured on each model's
+    calibration data run through the merged layers below l (its own layer l above them), merged from the lowest
+    layer up at merge time (``mergesmith.layerwise``); tensors without a Gram matrix take the weighted average."""
+    return regmean(base, tensors, weight=weight, alpha=alpha, fallback="linear", stats=stats, base_stats=base_stats,
+                   name=name)
+
+
 def _mats_needs(kwargs: dict[str, Any]) -> tuple[str, ...]:
     return {"identity": (), "fisher": ("fisher",), "gram": ("gram",), "kfac": ("kfac_a", "kfac_g")}[kwargs["precision"]]
 

@@ -165,6 +165,8 @@ class MergeMethod:
     # the function takes ``factors``: per input, (left, right) with left @ right its task vector when every input
     # is an adapter over the base (else None), so that a decomposition can work on the factors
     low_rank: bool = False
+    # merged layer by layer on statistics the merge measures itself (mergesmith.layerwise), not tensor by tensor
+    layerwise: bool = False
 
     def grid(self, n_models: int) -> dict[str, list[dict[str, Any]]]:
         """The method's tuning grid for ``n_models`` inputs ({} when it declares none or cannot take that many)."""
@@ -284,7 +286,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
              validate: Validator | None = None, reports: bool = False,
              base_needs: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
              tuning: Tuning | None = None, heavy: tuple[str, ...] = (),
-             work_copies: tuple[int, int] = (0, 3), low_rank: bool = False
+             work_copies: tuple[int, int] = (0, 3), low_rank: bool = False, layerwise: bool = False
              ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that declares a merge method; the docstring's first paragraph is its summary.
 
@@ -302,7 +304,7 @@ def register(name: str, *, params: list[Param] | tuple[Param, ...] = (), base: B
         summary = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())
         _METHODS[name] = MergeMethod(name, function, tuple(params), base, min_models, max_models, random,
                                      upcast_inputs, reference, summary, needs, validate, reports, base_needs,
-                                     tuning, heavy, work_copies, low_rank)
+                                     tuning, heavy, work_copies, low_rank, layerwise)
         return function
 
     return decorate
