@@ -31,6 +31,7 @@ from mergesmith.io.writer import (
 )
 from mergesmith.measure import Statistics
 from mergesmith.measure.hf import adapter_head
+from mergesmith.methods import get_method
 from mergesmith.methods.registry import REQUIRED
 from mergesmith.plan import Job, Plan, build_plan
 from mergesmith.statistics import MemoryStats
@@ -45,6 +46,12 @@ def _as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> tuple[Recipe,
 
 
 def _plan(recipe: Recipe, label: str, damage: bool = True) -> Plan:
+    if get_method(recipe.merge_method).layerwise:  # checked as the weighted average that plans its outputs
+        from mergesmith.layerwise import planning_recipe
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not use a base model.*", category=MergeWarning)
+            return _plan(planning_recipe(recipe), label, damage=False)
     try:
         return build_plan(recipe, lambda model: open_model(model, recipe.base_model),
                           lambda stats: StatsReader(Path(stats)), damage=damage)
@@ -129,6 +136,14 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
     shard_bytes = parse_size(max_shard_size)
     check_device(device)
     output = Path(output)
+    if get_method(recipe.merge_method).layerwise:
+        if adapter_rank is not None or recipe.tune is not None:
+            raise UsageError(f"{recipe.merge_method} merges layer by layer: an adapter output and tune: are not "
+                             f"supported with it yet")
+        from mergesmith.layerwise import merge_layerwise
+
+        return merge_layerwise(recipe, label, output, device=device, seed=seed, overwrite=overwrite,
+                               shard_bytes=shard_bytes, on_plan=on_plan, on_tensor=on_tensor, on_notice=on_notice)
     tuning = None
     if recipe.tune is not None:
         check_output(output, overwrite, _protected(recipe, label))  # before the search, not after it

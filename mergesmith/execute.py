@@ -39,6 +39,7 @@ class MergeSummary:
     adapter: dict[str, Any] | None = None  # an adapter output: its rank, modules and truncation errors
     damage: list[ModelDamage] = field(default_factory=list)  # each model's predicted loss increase (sidecars)
     tuning: Any = None  # a recipe's tune: block's result (mergesmith.tune.TuneResult)
+    layers: list[dict[str, float]] = field(default_factory=list)  # a layer-wise merge: seconds per layer
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,

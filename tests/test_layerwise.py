@@ -1,0 +1,125 @@
+"""regmean_plusplus against the paper's algorithm written here in float64 on whole models in memory: for layer
+l and model i, a copy of the merged model with model i's own layer l put in is run on model i's examples one
+at a time (no padding), its layer l's Linear inputs give the Grams, RegMean merges layer l, and the next layer
+starts from there."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from mergesmith.api import merge
+from mergesmith.config import parse_recipe
+from mergesmith.errors import RecipeError
+
+WEIGHTS, ALPHA = (1.0, 0.5), 0.9
+
+
+def texts(seed: int, n: int = 14) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(90)}" for _ in range(rng.randrange(5, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def calibrated(llama, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("calibration")
+    paths = dict(llama)
+    for i, m in enumerate(("ft1", "ft2")):
+        paths[f"data-{m}"] = root / f"{m}.jsonl"
+        paths[f"data-{m}"].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(10 + i)))
+    return paths
+
+
+def recipe(paths: dict[str, Path], **extra) -> dict:
+    return {"merge_method": "regmean_plusplus", "base_model": str(paths["base"]), "dtype": "float32",
+            "parameters": {"alpha": ALPHA},
+            "models": [{"model": str(paths[m]), "data": str(paths[f"data-{m}"]), "parameters": {"weight": w}}
+                       for m, w in zip(("ft1", "ft2"), WEIGHTS)],
+            "calibration": {"batch_size": 4}, **extra}
+
+
+def reference(paths: dict[str, Path], *, plus_plus: bool = True) -> dict[str, torch.Tensor]:
+    """RegMean++ (or, with ``plus_plus`` False, RegMean on each model's own activations) in float64."""
+    tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+    models = [LlamaForCausalLM.from_pretrained(paths[m]).double().eval() for m in ("ft1", "ft2")]
+    data = [[tokenizer(t, return_tensors="pt").input_ids for t in texts(10 + i)] for i in range(2)]
+    total = sum(WEIGHTS)
+    merged = copy.deepcopy(models[0])
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if ".layers." not in name:
+                p.copy_(sum(w * dict(m.named_parameters())[name] for w, m in zip(WEIGHTS, models)) / total)
+        for index in range(len(merged.model.layers)):
+            grams = []
+            for model, examples in zip(models, data):
+                probe = copy.deepcopy(merged if plus_plus else model)
+                probe.model.layers[index].load_state_dict(model.model.layers[index].state_dict())
+                sums, rows, hooks = {}, {}, []
+                for name, module in probe.model.layers[index].named_modules():
+                    if isinstance(module, nn.Linear):
+                        def hook(_m, inputs, _out, name=name):
+                            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                            sums[name] = sums.get(name, 0) + x.T @ x
+                            rows[name] = rows.get(name, 0) + x.shape[0]
+                        hooks.append(module.register_forward_hook(hook))
+                for ids in examples:
+                    probe(ids)
+                for h in hooks:
+                    h.remove()
+                grams.append({k: sums[k] / rows[k] for k in sums})
+            layer = {}
+            for name, _ in merged.model.layers[index].named_parameters():
+                own = [dict(m.model.layers[index].named_parameters())[name] for m in models]
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module in grams[0]:
+                    tilde = [ALPHA * g[module] + (1 - ALPHA) * torch.diag(torch.diag(g[module])) for g in grams]
+                    lhs = sum(w * g for w, g in zip(WEIGHTS, tilde))
+                    rhs = sum(w * g @ t.T for w, g, t in zip(WEIGHTS, tilde, own))
+                    layer[name] = torch.linalg.solve(lhs, rhs).T
+                else:
+                    layer[name] = sum(w * t for w, t in zip(WEIGHTS, own)) / total
+            merged.model.layers[index].load_state_dict(layer, strict=False)
+    return {k: v.float() for k, v in merged.state_dict().items()}
+
+
+def test_regmean_plusplus_is_the_papers_algorithm(calibrated, tmp_path):
+    summary = merge(recipe(calibrated), tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = reference(calibrated)
+    assert sorted(got) == sorted(k for k in expected if k != "lm_head.weight" or k in got)
+    for name, tensor in got.items():
+        assert torch.allclose(tensor, expected[name], rtol=1e-4, atol=1e-6), name
+    # it is not RegMean on each model's own activations: the test tells the two apart
+    plain = reference(calibrated, plus_plus=False)
+    upper = "model.layers.1.mlp.down_proj.weight"
+    assert (plain[upper] - expected[upper]).abs().max() > 100 * (got[upper] - expected[upper]).abs().max()
+    assert [t["layer"] for t in summary.layers] == [0, 1] and all(t["seconds"] > 0 for t in summary.layers)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Layer by layer" in card and "merge_method: regmean_plusplus" in card
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_every_model_needs_calibration_data_and_only_layer_wise_methods_take_it(calibrated):
+    spec = recipe(calibrated)
+    del spec["models"][1]["data"]
+    with pytest.raises(RecipeError, match=r"models\[1\] .* needs data: FILE"):
+        parse_recipe(spec)
+    spec = recipe(calibrated, merge_method="regmean")
+    spec.pop("calibration")
+    with pytest.raises(RecipeError, match=r"models\[0\]\.data is calibration data"):
+        parse_recipe(spec)
+
+
+def test_dry_run_checks_a_layer_wise_recipe_without_writing(calibrated, tmp_path, write_recipe, run_cli):
+    path = write_recipe(recipe(calibrated))
+    result = run_cli("merge", path, tmp_path / "out", "--dry-run")
+    assert result.code == 0, result.stderr
+    assert not (tmp_path / "out").exists()
