@@ -177,6 +177,11 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
                       + (f", worst {shown}" if worst else ""))
     if summary.tuning is not None:
         table.add_row("tuned", tuning_line(summary.tuning))
+    if summary.layers:
+        seconds = [t["seconds"] for t in summary.layers]
+        measuring = sum(t["measure_seconds"] for t in summary.layers)
+        table.add_row("layer by layer", f"{len(seconds)} layers, {min(seconds):.2f}–{max(seconds):.2f} s each "
+                      f"({measuring:.1f} of {sum(seconds):.1f} s measuring Gram matrices on the merged model)")
     table.add_row("output", summary.output)
     console.print(table)
     if summary.solver:
@@ -237,7 +242,14 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
     plan = check_merge(recipe, output, overwrite=overwrite, adapter_rank=adapter_rank, damage=damage)
     size = plan.size()
     shards = shard_layout([OutputTensor(o.name, o.shape, o.out_dtype) for j in plan.jobs for o in j.outputs], limit)
-    rows = [("method", plan.method.name), ("models", ", ".join(s.name for s in plan.sources)),
+    from mergesmith.config import load_recipe
+
+    loaded = load_recipe(recipe)
+    method = plan.method.name
+    if loaded.merge_method != method:  # a layer-wise method, planned as the weighted average of its fallback
+        method = (f"{loaded.merge_method} (layer by layer: each model's calibration data is run through the merged "
+                  f"layers at merge time)")
+    rows = [("method", method), ("models", ", ".join(s.name for s in plan.sources)),
             ("tensors", f"{size.tensors} (" + ", ".join(f"{n} {m}" for m, n in sorted(size.by_method.items())) + ")")]
     if plan.fallback:
         rows.append(("without statistics", f"{len(plan.fallback)} tensors would take the method's fallback"))
@@ -253,9 +265,7 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
     listing.print(f"dry run of {recipe}: every check passed; {done}", highlight=False)
     for key, value in rows:
         listing.print(f"  {key + ':':<20}{escape(value)}", highlight=False)
-    from mergesmith.config import load_recipe
-
-    spec = load_recipe(recipe).tune
+    spec = loaded.tune
     if spec is not None and not damage:
         basis = "their validation data" if spec.data is not None else "the models' predicted damage"
         listing.print(f"  {'tune:':<20}would choose {', '.join(spec.parameters)} on {basis} before merging "

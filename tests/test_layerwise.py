@@ -65,7 +65,7 @@ def reference(paths: dict[str, Path], *, plus_plus: bool = True) -> dict[str, to
                 sums, rows, hooks = {}, {}, []
                 for name, module in probe.model.layers[index].named_modules():
                     if isinstance(module, nn.Linear):
-                        def hook(_m, inputs, _out, name=name):
+                        def hook(_m, inputs, _out, name=name, sums=sums, rows=rows):
                             x = inputs[0].reshape(-1, inputs[0].shape[-1])
                             sums[name] = sums.get(name, 0) + x.T @ x
                             rows[name] = rows.get(name, 0) + x.shape[0]
@@ -122,4 +122,8 @@ def test_dry_run_checks_a_layer_wise_recipe_without_writing(calibrated, tmp_path
     path = write_recipe(recipe(calibrated))
     result = run_cli("merge", path, tmp_path / "out", "--dry-run")
     assert result.code == 0, result.stderr
+    assert "regmean_plusplus (layer by layer" in result.stdout
     assert not (tmp_path / "out").exists()
+    done = run_cli("merge", path, tmp_path / "out")
+    assert done.code == 0, done.stderr
+    assert "2 layers" in done.stderr and "measuring Gram matrices" in done.stderr
