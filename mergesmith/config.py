@@ -321,7 +321,6 @@ class CalibrationSpec(_Strict):
     batch_size: int = 8
     max_length: int = 512
     text_field: str = "text"
-    label_field: str = "label"
     seed: int = 0
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ class _Inputs:
     the stack gets (masks, position embeddings), and the token mask that says which rows count."""
 
     hidden: Tensor
+    args: tuple  # positional arguments after the hidden states (BERT passes its attention mask so)
     kwargs: dict[str, Any]
     mask: Tensor | None
 
@@ -117,8 +118,8 @@ def merge_layerwise(recipe: Recipe, label: str, output: Path, *, device: str = "
     sources = {s.name: s for s in plan.sources}
     calibration = recipe.calibration or CalibrationSpec()
     task, skeleton, data = model_batches(
-        recipe, {m.model: m.data for m in recipe.models}, text_field=calibration.text_field,
-        label_field=calibration.label_field, examples=calibration.examples, batch_size=calibration.batch_size,
+        recipe, {m.model: m.data for m in recipe.models}, text_field=calibration.text_field, label_field=None,
+        examples=calibration.examples, batch_size=calibration.batch_size,
         max_length=calibration.max_length, seed=calibration.seed, device=device, purpose=recipe.merge_method)
 
     def layer_of(job: Any) -> int | None:
@@ -242,11 +243,8 @@ def _first_inputs(network: nn.Module, batch: dict[str, Tensor]) -> _Inputs:
             args, kwargs = captured.args_, dict(captured.kwargs)
         else:
             raise UsageError(f"regmean_plusplus: {type(network).__name__}'s forward never called its layers")
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    if len(args) > 1:
-        raise UsageError(f"regmean_plusplus: {type(network).__name__} passes its layers positional arguments beyond "
-                         f"the hidden states; this architecture is not supported yet")
-    return _Inputs(hidden, kwargs, batch.get("attention_mask"))
+    hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+    return _Inputs(hidden, rest, kwargs, batch.get("attention_mask"))
 
 
 def _layer(layer_class: type, config: Any, index: int, tensors: dict[str, Tensor], prefix: str,
@@ -265,7 +263,7 @@ def _layer(layer_class: type, config: Any, index: int, tensors: dict[str, Tensor
 
 
 def _call(layer: nn.Module, batch: _Inputs) -> Tensor:
-    out = layer(batch.hidden, **batch.kwargs)
+    out = layer(batch.hidden, *batch.args, **batch.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

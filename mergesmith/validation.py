@@ -153,9 +153,11 @@ def model_batches(recipe: Recipe, data: Mapping[str, str], *, text_field: str, l
         where = Path(data[model])
         own = Path(model)
         own_config = read_config(own) if (own / "config.json").is_file() else config
-        rows = load_examples(where, text_field=text_field, label_field=label_field if classifier else None,
+        wants_labels = classifier and label_field is not None  # calibration data needs no labels
+        rows = load_examples(where, text_field=text_field, label_field=label_field if wants_labels else None,
                              max_examples=examples, seed=seed)
-        check_labels(rows, own_config, task, where)
+        if wants_labels:
+            check_labels(rows, own_config, task, where)
         tokenizer_dir = own if any((own / f).is_file() for f in TOKENIZER_FILES) else skeleton
         tokenizer = load_tokenizer(tokenizer_dir, config_dir=skeleton)
         length = check_tokens(rows, tokenizer, own_config, task=task, max_length=max_length, batch_size=batch_size,

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _save_tokenizer
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from mergesmith.api import merge
 from mergesmith.config import parse_recipe
@@ -46,24 +47,31 @@ def recipe(paths: dict[str, Path], **extra) -> dict:
             "calibration": {"batch_size": 4}, **extra}
 
 
-def reference(paths: dict[str, Path], *, plus_plus: bool = True) -> dict[str, torch.Tensor]:
+STACKS = {"llama": "model.layers", "bert": "bert.encoder.layer"}
+
+
+def reference(paths: dict[str, Path], *, plus_plus: bool = True, kind: str = "llama") -> dict[str, torch.Tensor]:
     """RegMean++ (or, with ``plus_plus`` False, RegMean on each model's own activations) in float64."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSequenceClassification
+    stack = STACKS[kind]
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
-    models = [LlamaForCausalLM.from_pretrained(paths[m]).double().eval() for m in ("ft1", "ft2")]
+    models = [auto.from_pretrained(paths[m]).double().eval() for m in ("ft1", "ft2")]
     data = [[tokenizer(t, return_tensors="pt").input_ids for t in texts(10 + i)] for i in range(2)]
     total = sum(WEIGHTS)
     merged = copy.deepcopy(models[0])
     with torch.no_grad():
         for name, p in merged.named_parameters():
-            if ".layers." not in name:
+            if not name.startswith(stack + "."):
                 p.copy_(sum(w * dict(m.named_parameters())[name] for w, m in zip(WEIGHTS, models)) / total)
-        for index in range(len(merged.model.layers)):
+        for index in range(len(merged.get_submodule(stack))):
             grams = []
             for model, examples in zip(models, data):
                 probe = copy.deepcopy(merged if plus_plus else model)
-                probe.model.layers[index].load_state_dict(model.model.layers[index].state_dict())
+                probe.get_submodule(stack)[index].load_state_dict(model.get_submodule(stack)[index].state_dict())
                 sums, rows, hooks = {}, {}, []
-                for name, module in probe.model.layers[index].named_modules():
+                for name, module in probe.get_submodule(stack)[index].named_modules():
                     if isinstance(module, nn.Linear):
                         def hook(_m, inputs, _out, name=name, sums=sums, rows=rows):
                             x = inputs[0].reshape(-1, inputs[0].shape[-1])
@@ -76,8 +84,8 @@ def reference(paths: dict[str, Path], *, plus_plus: bool = True) -> dict[str, to
                     h.remove()
                 grams.append({k: sums[k] / rows[k] for k in sums})
             layer = {}
-            for name, _ in merged.model.layers[index].named_parameters():
-                own = [dict(m.model.layers[index].named_parameters())[name] for m in models]
+            for name, _ in merged.get_submodule(stack)[index].named_parameters():
+                own = [dict(m.get_submodule(stack)[index].named_parameters())[name] for m in models]
                 module = name.removesuffix(".weight")
                 if name.endswith(".weight") and module in grams[0]:
                     tilde = [ALPHA * g[module] + (1 - ALPHA) * torch.diag(torch.diag(g[module])) for g in grams]
@@ -86,7 +94,7 @@ def reference(paths: dict[str, Path], *, plus_plus: bool = True) -> dict[str, to
                     layer[name] = torch.linalg.solve(lhs, rhs).T
                 else:
                     layer[name] = sum(w * t for w, t in zip(WEIGHTS, own)) / total
-            merged.model.layers[index].load_state_dict(layer, strict=False)
+            merged.get_submodule(stack)[index].load_state_dict(layer, strict=False)
     return {k: v.float() for k, v in merged.state_dict().items()}
 
 
@@ -105,6 +113,39 @@ def test_regmean_plusplus_is_the_papers_algorithm(calibrated, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Layer by layer" in card and "merge_method: regmean_plusplus" in card
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+@pytest.fixture(scope="module")
+def bert(calibrated, tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT classifier (post-norm layers, called with positional masks) and two perturbed fine-tunes."""
+    root = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=3, num_labels=2)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(root / "base")
+    _save_tokenizer(root / "base")
+    paths = {"base": root / "base", **{k: v for k, v in calibrated.items() if k.startswith("data-")}}
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for seed, name in ((1, "ft1"), (2, "ft2")):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in sorted(model.named_parameters()):
+                p.copy_(base[n] + 0.05 * torch.randn(p.shape, generator=generator))
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def test_regmean_plusplus_on_bert_is_the_papers_algorithm(bert, tmp_path):
+    merge(recipe(bert), tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = reference(bert, kind="bert")
+    plain = reference(bert, plus_plus=False, kind="bert")
+    for name, tensor in got.items():
+        assert torch.allclose(tensor, expected[name], rtol=1e-4, atol=1e-6), name
+    upper = "bert.encoder.layer.1.output.dense.weight"
+    assert (plain[upper] - expected[upper]).abs().max() > 100 * (got[upper] - expected[upper]).abs().max()
 
 
 def test_every_model_needs_calibration_data_and_only_layer_wise_methods_take_it(calibrated):
