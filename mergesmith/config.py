@@ -702,7 +702,8 @@ def _describe(error: ValidationError) -> tuple[str, tuple]:
 
 
 _SECTION_MODELS: dict[str, type[BaseModel]] = {"models": ModelEntry, "slices": OutputSlice,
-                                              "sources": SliceSource}
+                                              "sources": SliceSource, "tune": TuneSpec,
+                                              "calibration": CalibrationSpec}
 
 
 def _owner_fields(path: tuple) -> list[str]:

@@ -161,3 +161,9 @@ def test_cli_tunes_with_a_summary_line_and_a_dry_run_prints_the_tuned_recipe(mea
     done = run_cli("merge", path, tmp_path / "out")
     assert done.code == 0, done.stderr
     assert "tuned" in done.stderr and "sum of the models' normalised predicted damage" in done.stderr
+
+
+def test_a_misspelt_key_in_the_tune_block_names_the_closest():
+    with pytest.raises(RecipeError, match=r"unknown key 'tune.trails' \(did you mean 'trials'"):
+        parse_recipe({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a", "stats": "s"}],
+                      "tune": {"parameters": ["weight"], "trails": 3}})
