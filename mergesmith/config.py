@@ -527,7 +527,7 @@ class Recipe(_Strict):
                                f"one (model: FILE)", ("tune", "data"))
             return
         for i, m in enumerate(self.models):
-            if m.stats is None:
+            if m.stats is None and m.model != self.base_model:  # a base listed among the models is not merged
                 raise _Located(f"recipe: tune: models[{i}] ({short(m.model)}) has no stats; tuning minimises each "
                                f"model's predicted damage, which needs every model's sidecar (mergesmith "
                                f"measure)", ("models", i))

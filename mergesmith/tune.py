@@ -268,11 +268,12 @@ def _solve(recipe: Recipe, spec: Any, moments: Sequence[Any], form: _LinearForm)
         c = coefficients(weights)
         search = (f"by CMA-ES on the models' quadratics ({'max' if spec.goal == 'max' else 'sum within bounds'}; "
                   f"one pass over the inputs)")
-    weights = to_weights(c)
-    values: dict[str, Any] = {"weight": [float(w) for w in weights]}
+    chosen = dict(zip((m.model for m in moments), to_weights(c).tolist()))
+    # one value per recipe entry: a base listed among the models (mergekit's habit) keeps its own
+    values: dict[str, Any] = {"weight": [chosen.get(m.model, _own_weight(recipe, m)) for m in recipe.models]}
     if form.tune_scale:
         values["lambda"] = 1.0
-    before = _recipe_coefficients(recipe, form, n)
+    before = _recipe_coefficients(recipe, form, [m.model for m in moments])
     damages = surrogate(quadratics, c)
     return TuneResult(recipe.without_tune(values), values, spec.goal,
                       None if before is None else objective_value(surrogate(quadratics, before), spec.goal),
@@ -280,16 +281,17 @@ def _solve(recipe: Recipe, spec: Any, moments: Sequence[Any], form: _LinearForm)
                       {m.model: q for m, q in zip(moments, damages)})
 
 
-def _recipe_coefficients(recipe: Recipe, form: _LinearForm, n: int) -> Tensor | None:
-    """The coefficients of the recipe's own weights, where they are plain numbers."""
-    default = 1.0
-    weights = []
-    for m in recipe.models:
-        w = (m.parameters or {}).get("weight", (recipe.parameters or {}).get("weight", default))
-        if not isinstance(w, (int, float)):
-            return None
-        weights.append(float(w))
-    w = torch.tensor(weights, dtype=torch.float64)
+def _own_weight(recipe: Recipe, entry: Any) -> Any:
+    return (entry.parameters or {}).get("weight", (recipe.parameters or {}).get("weight", 1.0))
+
+
+def _recipe_coefficients(recipe: Recipe, form: _LinearForm, models: Sequence[str]) -> Tensor | None:
+    """The coefficients of the recipe's own weights for ``models`` (in that order), where they are plain numbers."""
+    entries = {m.model: m for m in recipe.models}
+    weights = [_own_weight(recipe, entries[name]) for name in models]
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        return None
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
     if form.constrained:
         return w / w.sum() if abs(float(w.sum())) > 1e-12 else None
     scale = _scalar(recipe, "lambda", 1.0)

@@ -167,3 +167,13 @@ def test_a_misspelt_key_in_the_tune_block_names_the_closest():
     with pytest.raises(RecipeError, match=r"unknown key 'tune.trails' \(did you mean 'trials'"):
         parse_recipe({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a", "stats": "s"}],
                       "tune": {"parameters": ["weight"], "trails": 3}})
+
+
+def test_a_base_listed_among_the_models_keeps_its_entry(measured):  # noqa: F811
+    """mergekit recipes often list the base under models too: the tuned weights go to the fine-tunes by name."""
+    spec = recipe(measured, "task_arithmetic")
+    alone = tune(parse_recipe({**spec, "tune": {"parameters": ["weight"]}}))
+    spec["models"] = [{"model": str(measured["base"])}, *spec["models"]]  # no sidecar needed: it is not merged
+    listed = tune(parse_recipe({**spec, "tune": {"parameters": ["weight"]}}))
+    assert listed.values["weight"][0] == 1.0  # the base's own (default) weight, untouched
+    assert listed.values["weight"][1:] == pytest.approx(alone.values["weight"], rel=1e-9)
