@@ -295,3 +295,154 @@ def test_a_lora_suite_trains_only_the_factors_and_keeps_its_frozen_head_in_the_a
               "models": [{"model": str(path)} for path in adapters.values()], "heads": "each", "dtype": "float32"}
     mergesmith.merge(recipe, tmp_path / "merged")
     protocol._merged_model(tmp_path / "merged", adapters, heads)  # raises if a kept head is not the task's
+
+
+# ---- predicted damage against measured loss, and the rows tuned on it ------------------------------------
+
+def _brute_ranks(values):
+    """Rank i = 1 + #{values below it} + (#{values equal to it, itself included} − 1) / 2."""
+    return [1 + sum(v < x for v in values) + (sum(v == x for v in values) - 1) / 2 for x in values]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spearman_is_pearson_of_average_ranks(seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 6, (25,), generator=generator).tolist()  # many ties
+    y = (torch.randint(0, 4, (25,), generator=generator) + torch.tensor(x) // 2).tolist()
+    assert report.ranks(x) == _brute_ranks(x)
+    assert math.isclose(report.spearman(x, y), statistics.correlation(_brute_ranks(x), _brute_ranks(y)),
+                        abs_tol=1e-12)
+
+
+def test_spearman_edges():
+    assert report.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert math.isclose(report.spearman([1, 2, 3, 4], [10, 20, 30, 1000]), 1.0)  # monotone, not linear
+    assert math.isclose(report.spearman([1, 2, 3], [3, 2, 1]), -1.0)
+    assert math.isnan(report.spearman([1, 2, 3], [5, 5, 5]))  # a constant side ranks nothing
+    assert math.isnan(report.spearman([1], [2]))
+    with pytest.raises(ValueError, match="3 x values against 2 y values"):
+        report.spearman([1, 2, 3], [1, 2])
+
+
+def _with_damage(results: dict, damage: dict[str, list[dict[str, float]]]) -> dict:
+    for s, seed in enumerate(results["per_seed"]):
+        seed["damage"] = {row: values[s] for row, values in damage.items()}
+    return results
+
+
+def test_the_damage_correlations_are_spearman_over_the_points_within_groups_and_over_rows():
+    individual = [{"a": 0.8, "b": 0.5}, {"a": 1.0, "b": 0.4}]
+    scores = {"start": individual, "individual": individual, "multitask": individual,
+              "linear": [{"a": 0.6, "b": 0.5}, {"a": 0.9, "b": 0.2}],
+              "ties": [{"a": 0.4, "b": 0.45}, {"a": 0.7, "b": 0.3}],
+              "regmean": [{"a": 0.7, "b": 0.4}, {"a": 0.8, "b": 0.4}]}
+    damage = {"linear": [{"a": 0.3, "b": 0.1}, {"a": 0.2, "b": 0.9}],
+              "ties": [{"a": 0.9, "b": 0.2}, {"a": 0.5, "b": 0.5}],
+              "regmean": [{"a": 0.4, "b": None}, {"a": 0.6, "b": 0.1}]}  # None: no forgetting, left out
+    results = _with_damage(_results(scores), damage)
+    c = report.damage_correlation(results)
+    points = [(damage[r][s][t], 1 - scores[r][s][t] / individual[s][t]) for r in damage for s in (0, 1)
+              for t in ("a", "b") if damage[r][s][t] is not None]
+    assert c["points"] == len(points) == 11
+    assert math.isclose(c["pooled"], statistics.correlation(_brute_ranks([d for d, _ in points]),
+                                                            _brute_ranks([loss for _, loss in points])))
+    # the groups with three rows: (a, 0), (a, 1), (b, 1); (b, 0) has two with damage and is left out
+    groups = []
+    for task, s in (("a", 0), ("a", 1), ("b", 1)):
+        d = [damage[r][s][task] for r in damage]
+        loss = [1 - scores[r][s][task] / individual[s][task] for r in damage]
+        groups.append(statistics.correlation(_brute_ranks(d), _brute_ranks(loss)))
+    assert c["groups"] == 3 and math.isclose(c["within"], sum(groups) / 3)
+    assert math.isclose(c["per_task"]["a"], (groups[0] + groups[1]) / 2) and math.isclose(c["per_task"]["b"],
+                                                                                          groups[2])
+    text = "\n".join(report.damage_section(results))
+    assert f"over all 11 (row, task, seed) points: ρ = {c['pooled']:.2f}" in text
+    assert report.damage_section(_results(scores)) == []  # older results without damage: no section
+
+
+def test_the_damage_chart_is_drawn_only_when_asked_and_when_there_is_damage(tmp_path):
+    pytest.importorskip("matplotlib")
+    individual = [{"a": 0.9, "b": 0.8}]
+    scores = {"start": [{"a": 0.5, "b": 0.5}], "individual": individual, "multitask": individual,
+              "linear": [{"a": 0.7, "b": 0.6}], "regmean": [{"a": 0.8, "b": 0.7}], "ties": [{"a": 0.6, "b": 0.5}]}
+    results = _with_damage(_results(scores), {"linear": [{"a": 0.5, "b": 0.4}], "regmean": [{"a": 0.2, "b": 0.3}],
+                                              "ties": [{"a": 0.8, "b": 0.9}]})
+    assert [f.name for f in report.write(results, tmp_path)] == ["t.json", "t.md", "t.png", "t-time.png"]
+    files = report.write(results, tmp_path, damage=True)
+    assert files[-1].name == "t-damage.png" and files[-1].stat().st_size > 0
+    assert "ρ = 1.00 (how well it orders the merges of one task)" in (tmp_path / "t.md").read_text()
+    assert [f.name for f in report.write(_results(scores), tmp_path / "old", damage=True)][-1] == "t-time.png"
+
+
+def test_rows_added_with_damage_join_results_written_before_damage_existed():
+    from mergesmith.quality import combine
+
+    reference = {"start": [{"a": 0.5, "b": 0.5}], "individual": [{"a": 0.9, "b": 0.8}],
+                 "multitask": [{"a": 0.8, "b": 0.8}]}
+    earlier = _with_protocol_fields(_results({**reference, "linear": [{"a": 0.6, "b": 0.6}],
+                                              "ties": [{"a": 0.7, "b": 0.6}]}))  # no damage keys at all
+    added = _with_damage(_with_protocol_fields(_results({**reference, "ties": [{"a": 0.7, "b": 0.6}]})),
+                         {"ties": [{"a": 0.4, "b": 0.5}]})
+    added["per_seed"][0]["damage_total"] = {"ties": {"a": 0.01, "b": 0.02}}
+    combined = combine(earlier, added)
+    assert combined["per_seed"][0]["damage"] == {"ties": {"a": 0.4, "b": 0.5}}
+    assert combined["per_seed"][0]["damage_total"] == {"ties": {"a": 0.01, "b": 0.02}}
+    assert "damage" not in earlier["per_seed"][0]
+    # and again, with damage on both sides: the added row's replaces the earlier one's, the others stay
+    again = _with_damage(copy.deepcopy(added), {"ties": [{"a": 0.3, "b": 0.3}]})
+    both = combine(_with_damage(combined, {"linear": [{"a": 0.2, "b": 0.2}], "ties": [{"a": 0.9, "b": 0.9}]}), again)
+    assert both["per_seed"][0]["damage"] == {"linear": {"a": 0.2, "b": 0.2}, "ties": {"a": 0.3, "b": 0.3}}
+    assert report.damage_correlation(both)["points"] == 4
+    # rows added without damage (an older run's) take the earlier damage of that row away with its scores
+    bare = _with_protocol_fields(_results({**reference, "ties": [{"a": 0.7, "b": 0.6}]}))
+    assert combine(both, bare)["per_seed"][0]["damage"] == {"linear": {"a": 0.2, "b": 0.2}}
+
+
+def test_the_rows_tuned_on_damage_are_named_by_their_labels_only():
+    from mergesmith.quality import select
+
+    rows = protocol.variants(6)
+    tuned = [r for r in rows if r.tune is not None]
+    assert [r.label for r in tuned] == ["task_arithmetic[damage]", "ties[damage]", "fisher[damage]"]
+    assert all(r.data_aware and len(r.grid) == 1 for r in tuned)
+    assert [r.label for r in select(rows, ["ties"])] == ["ties"]  # the grid row, not the tuned one
+    assert [r.label for r in select(rows, ["ties[damage]", "fisher"])] == ["fisher", "ties[damage]"]
+    quick = {r.label: r.tune for r in protocol.variants(6, quick=True) if r.tune is not None}
+    assert quick["ties[damage]"]["trials"] <= protocol.QUICK_TRIALS and quick["fisher[damage]"]["trials"] <= 4
+    assert {r.label: r.tune for r in tuned}["ties[damage]"]["trials"] == 24
+
+
+def test_a_tuned_rows_recipe_names_the_start_and_its_tune_block(tmp_path):
+    from mergesmith.config import parse_recipe
+
+    finetunes = {"a": tmp_path / "ft-a", "b": tmp_path / "ft-b"}
+    sidecars = {"a": tmp_path / "stats-a", "b": tmp_path / "stats-b"}
+    fisher = {r.label: r for r in protocol.variants(2)}["fisher[damage]"]
+    recipe = protocol._recipe(fisher, fisher.grid[0], tmp_path / "start", finetunes, sidecars)
+    parsed = parse_recipe(recipe)  # a valid recipe, tune: block included
+    assert parsed.base_model == str(tmp_path / "start")  # Fisher ignores it; the forgetting needs it
+    assert parsed.tune.parameters == ["weight"] and parsed.tune.bounds == {"weight": (0.05, 3.0)}
+    assert [m.stats for m in parsed.models] == [str(sidecars["a"]), str(sidecars["b"])]
+    grid_fisher = {r.label: r for r in protocol.variants(2)}["fisher"]
+    assert "base_model" not in protocol._recipe(grid_fisher, grid_fisher.grid[0], tmp_path / "start", finetunes,
+                                                sidecars)  # the grid rows' merges are as they were
+    judged = protocol._damage_recipe(grid_fisher, grid_fisher.grid[0], tmp_path / "start", finetunes, sidecars)
+    assert judged["base_model"] == str(tmp_path / "start") and "tune" not in judged
+
+
+def test_the_gap_from_ties_to_multitask_closed_is_the_share_of_the_distance():
+    def row(value):
+        return [{"a": value, "b": value}]
+
+    results = _results({"start": row(0.3), "individual": row(0.9), "multitask": row(0.85), "ties": row(0.6),
+                        "regmean": row(0.8), "linear": row(0.5)})
+    results["rows"].append({"label": "ties[damage]", "method": "ties", "grid": [{}], "data_aware": True,
+                            "tune": {"parameters": ["density"]}})
+    for seed in results["per_seed"]:
+        seed["test"]["ties[damage]"] = {"a": 0.7, "b": 0.7}
+        seed["merge_seconds"]["ties[damage]"], seed["chosen"]["ties[damage]"] = 1.0, {"density": 0.5}
+    line = report.reading(results)[-1]
+    # normalised: TIES 66.7, multitask 94.4, regmean 88.9 → (88.9 − 66.7) / (94.4 − 66.7) = 80 %; ties[damage] 40 %
+    assert line.startswith("Gap from TIES (66.7) to multitask (94.4): best row regmean 88.9 closes 80%")
+    assert "best row tuned on damage ties[damage] 77.8 closes 40%" in line
+    assert "| ties[damage] | tuned on damage |" in report.markdown(results)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         everything = [json.loads(((args.out or RESULTS) / f"{suite}.json").read_text()) for suite in suites]
         for results in everything:
-            print("\n".join(str(p) for p in write(results, args.out or RESULTS)))
+            print("\n".join(str(p) for p in write(results, args.out or RESULTS, damage=True)))
         print(summary_table(everything))  # the README's table
         return 0
     if args.methods:  # a misspelt name is refused now, not after the fine-tuning (any suite size)
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             partial_out = out if earlier is None else out / "partial"
             results = run_suite(suite, work / suite, seeds=seeds, quick=args.quick, command=command,
                                 progress=_progress, say=lambda text: print(text, flush=True), only=args.methods,
-                                on_seed=lambda partial, where=partial_out: write(partial, where))
-            for path in write(results if earlier is None else merge_results(earlier, results), out):
+                                on_seed=lambda partial, where=partial_out: write(partial, where, damage=True))
+            for path in write(results if earlier is None else merge_results(earlier, results), out, damage=True):
                 print(f"wrote {path}", flush=True)
             if earlier is not None:  # the rows are in the results now; their partial copy was ours
                 for path in partial_out.glob(f"{suite}*"):

@@ -110,7 +110,9 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
 
 
 def select(rows: list[Variant], only: Sequence[str] | None) -> list[Variant]:
-    """The rows whose label (``mats[kfac]``) or method (``mats``) is in ``only``; all of them for None."""
+    """The rows whose label (``mats[kfac]``) or method (``mats``) is in ``only``; all of them for None. A row
+    tuned on predicted damage (``ties[damage]``) is named by its label only: it is another protocol, not one
+    of the method's grid variants, so ``ties`` does not bring it in."""
     from mergesmith.errors import UsageError
 
     if only is None:
@@ -120,7 +122,11 @@ def select(rows: list[Variant], only: Sequence[str] | None) -> list[Variant]:
     if unknown:
         raise UsageError(f"no benchmark row or method is called {', '.join(map(repr, unknown))}; the rows are "
                          f"{', '.join(r.label for r in rows)}")
-    return [r for r in rows if r.label in only or r.method in only]
+    return [r for r in rows if r.label in only or (r.method in only and r.tune is None)]
+
+
+# a seed's per-row records besides "test" (damage, damage_total and tuning came with issue 12)
+ROW_KEYS = ("val", "val_grid", "chosen", "merge_seconds", "solver", "warnings", "damage", "damage_total", "tuning")
 
 
 def combine(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
@@ -144,10 +150,10 @@ def combine(earlier: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
                 raise UsageError(f"seed {seed}: the {reference} accuracies differ from the earlier results, so "
                                  f"the models differ; rerun the whole suite")
         for row in added["rows"]:
-            for key in ("val", "val_grid", "chosen", "merge_seconds", "solver", "warnings"):
-                old[key].pop(row["label"], None)
-                if row["label"] in new[key]:
-                    old[key][row["label"]] = new[key][row["label"]]
+            for key in ROW_KEYS:  # results written before a key existed lack it
+                old.get(key, {}).pop(row["label"], None)
+                if row["label"] in new.get(key, {}):
+                    old.setdefault(key, {})[row["label"]] = new[key][row["label"]]
             old["test"][row["label"]] = new["test"][row["label"]]
     labels = {row["label"] for row in added["rows"]}
     combined["rows"] = [row for row in combined["rows"] if row["label"] not in labels] + added["rows"]
@@ -200,5 +206,6 @@ def _results(name: str, suite: ModuleType, quick: bool, seeds: list[int], tasks:
                          "fine_tune": suite.QUICK_FINE_TUNE if quick else suite.FINE_TUNE,
                          "measure": getattr(suite, "QUICK_MEASURE", suite.MEASURE) if quick else suite.MEASURE,
                          **({"lora": suite.LORA} if getattr(suite, "LORA", None) is not None else {})},
-            "rows": [{"label": r.label, "method": r.method, "grid": r.grid, "data_aware": r.data_aware} for r in rows],
+            "rows": [{"label": r.label, "method": r.method, "grid": r.grid, "data_aware": r.data_aware,
+                      **({"tune": r.tune} if r.tune is not None else {})} for r in rows],
             "per_seed": per_seed}

@@ -80,12 +80,12 @@ class Variant:
 # search starts at the centre of its box; Fisher merging keeps the committed fisher row's choice (global
 # normalisation on every seed of both suites, the floor 1e-10 on eight of nine) and tunes the weights λ_i.
 DAMAGE_ROWS = (
-    ("task_arithmetic[damage]", "task_arithmetic", {"lambda": 1.0}, {"parameters": ["weight"]}),
+    ("task_arithmetic[damage]", "task_arithmetic", {"lambda": 1.0}, {"parameters": ["weight"], "objective": "sum"}),
     ("ties[damage]", "ties", {"density": 0.55, "lambda": 0.8},
-     {"parameters": ["density", "lambda"], "shared": ["density"],
+     {"parameters": ["density", "lambda"], "objective": "sum", "shared": ["density"],
       "bounds": {"density": [0.1, 1.0], "lambda": [0.1, 1.5]}, "trials": 24}),
     ("fisher[damage]", "fisher", {"fisher_normalize": "global", "fisher_floor": 1e-10},
-     {"parameters": ["weight"], "bounds": {"weight": [0.05, 3.0]}, "trials": 24}),
+     {"parameters": ["weight"], "objective": "sum", "bounds": {"weight": [0.05, 3.0]}, "trials": 24}),
 )
 QUICK_TRIALS = 4  # --quick: a search of a few merge passes, enough to run every step of it
 
@@ -114,7 +114,12 @@ def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
                                  f"{TUNING_POINTS}")
             rows.append(Variant(label, name, [grid[len(grid) // 2]] if quick else list(grid),
                                 method.needs is not None))
-    return rows
+    return rows + [row for row in damage_variants(quick=quick) if _fits(row.method, n_models)]
+
+
+def _fits(method: str, n_models: int) -> bool:
+    declared = get_method(method)
+    return declared.min_models <= n_models <= (declared.max_models or n_models)
 
 
 def suite_tasks(suite: ModuleType, seed: int, *, quick: bool) -> list[Task]:
@@ -331,8 +336,12 @@ class SeedResult:
     test: dict[str, dict[str, float]] = field(default_factory=dict)  # row -> task -> accuracy
     val: dict[str, float] = field(default_factory=dict)  # merge row -> best mean normalised validation accuracy
     val_grid: dict[str, list[float]] = field(default_factory=dict)  # merge row -> every grid point's, in order
-    chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chosen: dict[str, dict[str, Any]] = field(default_factory=dict)  # a tuned row: its point with the tuned values
     merge_seconds: dict[str, float] = field(default_factory=dict)  # merge row -> mean over its grid points
+    # merge row -> task -> the chosen point's predicted damage: normalised (÷ forgetting), and in nats/example
+    damage: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    damage_total: dict[str, dict[str, float]] = field(default_factory=dict)
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)  # a tuned row: the search and its objective
     measure_seconds: float = 0.0
     fine_tune_seconds: float = 0.0
     multitask_seconds: float = 0.0
@@ -451,13 +460,16 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
         scores, seconds = [], []
         with progress(f"seed {seed}: {row.label}, {len(row.grid)} grid point{'s' * (len(row.grid) > 1)}"):
             # the best point's model so far stays loaded, so that only it is scored on test at the end
-            best, best_model = 0, None
+            best, best_model, tuned = 0, None, None
             for i, point in enumerate(row.grid):
                 recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    summary = mergesmith.merge(recipe, work / f"merged-{i}", overwrite=True, seed=seed)
+                    # a tuned Fisher row names the start only for the forgetting its objective divides by
+                    warnings.filterwarnings("ignore", message=".*does not use a base model")
+                    # damage is predicted once, for the chosen point, below: not in any merge's time
+                    summary = mergesmith.merge(recipe, work / f"merged-{i}", overwrite=True, seed=seed, damage=False)
                 seconds.append(time.perf_counter() - t0)
                 _count_warnings(result.warnings.setdefault(row.label, {}), caught)
                 if summary.solver:
@@ -466,7 +478,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                 scores.append(sum(accuracy(model, heads[t.name], suite, t.val) / own_val[t.name] for t in tasks)
                               / len(tasks))
                 if best_model is None or scores[i] > scores[best]:  # ties: the earlier point
-                    superseded, best, best_model = best, i, model
+                    superseded, best, best_model, tuned = best, i, model, summary.tuning
                     if i > 0:
                         _fresh(work / f"merged-{superseded}")
                 else:
@@ -475,11 +487,20 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             result.test[row.label] = {t.name: accuracy(best_model, heads[t.name], suite, t.test) for t in tasks}
             del best_model
             _fresh(work / f"merged-{best}")
-        result.val[row.label], result.chosen[row.label] = scores[best], row.grid[best]
+        result.val[row.label], result.chosen[row.label] = scores[best], dict(row.grid[best])
         result.val_grid[row.label] = scores
         result.merge_seconds[row.label] = sum(seconds) / len(seconds)
+        if tuned is not None:
+            result.chosen[row.label].update(tuned.values)
+            result.tuning[row.label] = {"before": tuned.before, "after": tuned.after, "search": tuned.search,
+                                        "evaluations": tuned.evaluations}
+        with progress(f"seed {seed}: {row.label}, predicted damage of the chosen point"):
+            chosen = tuned.recipe if tuned is not None else _damage_recipe(row, row.grid[best], base, finetunes,
+                                                                            sidecars)
+            result.damage[row.label], result.damage_total[row.label] = predicted_damage(chosen, finetunes, seed)
         say(f"seed {seed}: {row.label:<18} {_mean(result.test[row.label]):6.1%} test accuracy "
-            f"(validation {scores[best]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge)")
+            f"(validation {scores[best]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge; "
+            f"predicted damage {_mean_known(result.damage[row.label]):.3g} of the forgetting)")
     return result
 
 
@@ -500,13 +521,36 @@ def _head_digest(head: Head) -> str:
 
 def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
             sidecars: dict[str, Path] | None) -> dict[str, Any]:
+    """A grid point's merge recipe; a tuned row's carries its ``tune:`` block, and the start even where the
+    method ignores it (the objective divides each model's damage by its forgetting, measured from the start)."""
     models = [{"model": str(path), **({"stats": str(sidecars[task])} if sidecars else {})}
               for task, path in finetunes.items()]
     recipe: dict[str, Any] = {"merge_method": row.method, "models": models, "parameters": dict(point),
                               "heads": "each", "dtype": "float32"}
-    if get_method(row.method).base != "ignored":
+    if get_method(row.method).base != "ignored" or row.tune is not None:
         recipe["base_model"] = str(base)
+    if row.tune is not None:
+        recipe["tune"] = dict(row.tune)
     return recipe
+
+
+def _damage_recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
+                   sidecars: dict[str, Path]) -> dict[str, Any]:
+    """The point's recipe with every model's sidecar and the start, so that any method's merge is judged."""
+    return {**_recipe(row, point, base, finetunes, sidecars), "base_model": str(base)}
+
+
+def predicted_damage(recipe: Any, finetunes: dict[str, Path], seed: int
+                     ) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Each task's predicted damage under ``recipe`` (a merge pass that writes nothing): normalised by its
+    forgetting (None where the forgetting is 0), and the total in nats/example."""
+    task_of = {str(path): task for task, path in finetunes.items()}
+    with warnings.catch_warnings():  # the start is named for the forgetting, also where the method ignores it
+        warnings.filterwarnings("ignore", message=".*does not use a base model")
+        summary = mergesmith.predict_damage(recipe, seed=seed)
+    normalised = {task_of[d.model]: d.normalised for d in summary.damage}
+    totals = {task_of[d.model]: d.total for d in summary.damage}
+    return normalised, totals
 
 
 def _merged_model(merged: Path, finetunes: dict[str, Path], heads: dict[str, Head]) -> nn.Module:
@@ -538,3 +582,7 @@ def _solver_digest(solver: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores) if scores else math.nan
+
+
+def _mean_known(values: dict[str, float | None]) -> float:
+    return _mean({k: v for k, v in values.items() if v is not None})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,112 @@ def data_aware(results: dict[str, Any]) -> set[str]:
     return {row["label"] for row in results["rows"] if row["data_aware"]}
 
 
+# ---- predicted damage against measured loss ----------------------------------------------------------------
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of ``values``; tied values share the mean of the ranks they span (Spearman's convention)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            out[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's correlation; NaN for fewer than two points or a constant side (no ranking to compare)."""
+    if len(x) != len(y):
+        raise ValueError(f"pearson: {len(x)} x values against {len(y)} y values; give one y per x")
+    n = len(x)
+    if n < 2:
+        return math.nan
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks."""
+    return pearson(ranks(x), ranks(y))
+
+
+def accuracy_loss(seed: dict[str, Any], row: str, task: str) -> float:
+    """1 − the row's test accuracy ÷ the task's own fine-tune's: the share of the fine-tune's accuracy lost."""
+    return 1.0 - seed["test"][row][task] / seed["test"]["individual"][task]
+
+
+def damage_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (row, task, seed) with a predicted normalised damage, beside its measured accuracy loss."""
+    points = []
+    for seed_id, seed in zip(results["seeds"], results["per_seed"]):
+        for row, per_task in seed.get("damage", {}).items():
+            for task, damage in per_task.items():
+                if damage is not None and row in seed["test"]:
+                    points.append({"row": row, "task": task, "seed": seed_id, "damage": damage,
+                                   "loss": accuracy_loss(seed, row, task)})
+    return points
+
+
+MIN_GROUP = 3  # rows a (task, seed) needs for its within-group correlation to rank anything
+
+
+def damage_correlation(results: dict[str, Any]) -> dict[str, Any]:
+    """How predicted normalised damage ranks measured accuracy loss: Spearman's ρ over every point; the mean ρ
+    within each (task, seed) across rows (how well it orders merges of one task), per task too; and ρ between
+    the rows' mean damage and mean loss (how well it orders methods)."""
+    points = damage_points(results)
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault((p["task"], p["seed"]), []).append(p)
+    within = {key: spearman([p["damage"] for p in g], [p["loss"] for p in g])
+              for key, g in groups.items() if len(g) >= MIN_GROUP}
+    within = {key: rho for key, rho in within.items() if not math.isnan(rho)}
+    per_task = {}
+    for task in results["tasks"]:
+        values = [rho for (t, _), rho in within.items() if t == task]
+        if values:
+            per_task[task] = mean(values)
+    rows = sorted({p["row"] for p in points})
+    row_damage = [mean([p["damage"] for p in points if p["row"] == r]) for r in rows]
+    row_loss = [mean([p["loss"] for p in points if p["row"] == r]) for r in rows]
+    return {"pooled": spearman([p["damage"] for p in points], [p["loss"] for p in points]), "points": len(points),
+            "within": mean(list(within.values())) if within else math.nan, "groups": len(within),
+            "group_sizes": sorted({len(groups[key]) for key in within}), "per_task": per_task,
+            "by_row": spearman(row_damage, row_loss), "rows": len(rows),
+            "row_means": dict(zip(rows, zip(row_damage, row_loss)))}
+
+
+def damage_section(results: dict[str, Any]) -> list[str]:
+    """The report's account of predicted damage against measured loss (nothing when no row has damage)."""
+    c = damage_correlation(results)
+    if not c["points"]:
+        return []
+    sizes = c["group_sizes"] or [0]
+    size_words = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    out = ["", "## Predicted damage against measured loss", "",
+           "Each merge row's chosen point is judged by `mergesmith.predict_damage` (every fine-tune's sidecar and "
+           "the start in the recipe, whatever the method reads): per task the predicted loss increase ÷ its "
+           "forgetting (the normalised damage, docs/damage.md), set against the measured accuracy loss 1 − test "
+           "accuracy ÷ the task's own fine-tune's. Spearman's rank correlation (average ranks for ties):", "",
+           f"- over all {c['points']} (row, task, seed) points: ρ = {c['pooled']:.2f};",
+           f"- within each (task, seed), across its {size_words} rows, averaged over {c['groups']} groups: "
+           f"ρ = {c['within']:.2f} (how well it orders the merges of one task);",
+           f"- between the {c['rows']} rows' means over tasks and seeds: ρ = {c['by_row']:.2f} (how well it orders "
+           f"methods).", "",
+           "| task | ρ within the task (mean over seeds) |", "|---|---:|"]
+    out += [f"| {task} | {rho:.2f} |" for task, rho in c["per_task"].items()]
+    out += ["", "| merge | predicted normalised damage | accuracy loss % |", "|---|---:|---:|"]
+    for row, (damage, loss) in sorted(c["row_means"].items(), key=lambda kv: kv[1][0]):
+        out.append(f"| {row} | {damage:.3f} | {100 * loss:.1f} |")
+    return out
+
+
 def reading(results: dict[str, Any]) -> list[str]:
     """The ordering check against the literature and the project target, in sentences with the numbers."""
     rows = merge_rows(results)
@@ -84,7 +191,33 @@ def reading(results: dict[str, Any]) -> list[str]:
             lines.append(f"Project target (best data-aware ≥ {TARGET_ABOVE_TIES:.0f} points above TIES and within "
                          f"{TARGET_BELOW_MULTITASK:.0f} of multitask): {'met' if met else 'not met'} — {best_aware} is "
                          f"{above:+.1f} points from TIES and {below:.1f} below multitask.")
+    gap = gap_closed(stats, rows, tuned_rows(results))
+    if gap:
+        lines.append(gap)
     return lines
+
+
+def tuned_rows(results: dict[str, Any]) -> set[str]:
+    return {row["label"] for row in results["rows"] if row.get("tune")}
+
+
+def gap_closed(stats: dict[str, dict[str, Any]], rows: list[str], tuned: set[str]) -> str:
+    """How much of the distance from TIES to the multitask model the best row, and the best row tuned on
+    damage, cover: (row − TIES) ÷ (multitask − TIES), normalised accuracy ("" without TIES or a gap)."""
+    if "ties" not in stats or not rows:
+        return ""
+    ties, gap = stats["ties"]["normalised"], stats["multitask"]["normalised"] - stats["ties"]["normalised"]
+    if gap <= 0:
+        return ""
+
+    def share(row: str) -> str:
+        return f"{row} {stats[row]['normalised']:.1f} closes {(stats[row]['normalised'] - ties) / gap:.0%}"
+
+    best = max(rows, key=lambda r: stats[r]["normalised"])
+    line = f"Gap from TIES ({ties:.1f}) to multitask ({stats['multitask']['normalised']:.1f}): best row {share(best)}"
+    if tuned & set(rows):
+        line += f"; best row tuned on damage {share(max(tuned & set(rows), key=lambda r: stats[r]['normalised']))}"
+    return line + "."
 
 
 def _seeds_words(seeds: list[int]) -> str:
@@ -115,7 +248,8 @@ def markdown(results: dict[str, Any]) -> str:
     order = [*REFERENCES, *sorted(rows, key=lambda r: -row_stats(results, r)["normalised"])]
     for row in order:
         s = row_stats(results, row)
-        kind = "reference" if row in REFERENCES else ("data-aware" if info[row]["data_aware"] else "data-free")
+        kind = "reference" if row in REFERENCES else ("tuned on damage" if info[row].get("tune") else
+                                                     "data-aware" if info[row]["data_aware"] else "data-free")
         grid = str(len(info[row]["grid"])) if row in info else ""
         seconds = f"{merge_seconds[row]:.1f}" if row in merge_seconds else ""
         out.append(f"| {row} | {kind} | {grid} | {s['normalised']:.1f} ± {s['normalised_spread']:.1f} | "
@@ -125,7 +259,7 @@ def markdown(results: dict[str, Any]) -> str:
     gains = ([f"Every fine-tune beat the start on its own task (smallest gain "
               f"{min_gain(results):.1f} points)."] if not no_gain else
              [f"Fine-tunes that did not beat the start on their own task: {', '.join(no_gain)}."])
-    out += ["", "## Reading", "", *[f"- {line}" for line in gains + reading(results)], "",
+    out += ["", "## Reading", "", *[f"- {line}" for line in gains + reading(results)], *damage_section(results), "",
             "## Per task (normalised %, mean over seeds)", "",
             "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for row in order:
@@ -165,6 +299,8 @@ def _point(point: dict[str, Any]) -> str:
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, list):  # a tuned per-model value: one per task, in the tasks' order
+        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -225,13 +361,53 @@ def charts(results: dict[str, Any], directory: Path) -> list[Path]:
     return paths
 
 
-def write(results: dict[str, Any], directory: Path) -> list[Path]:
+def damage_chart(results: dict[str, Any], directory: Path) -> list[Path]:
+    """``<suite>-damage.png``: measured accuracy loss against predicted normalised damage, one point per (row,
+    task, seed), coloured by task, the rows tuned on damage as stars (nothing when no row has damage)."""
+    points = damage_points(results)
+    if not points:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuned = tuned_rows(results)
+    c = damage_correlation(results)
+    path = directory / f"{results['suite']}-damage.png"
+    figure, axes = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    colours = plt.get_cmap("tab10")
+    for i, task in enumerate(results["tasks"]):
+        for is_tuned, marker, size in ((False, "o", 14), (True, "*", 60)):
+            mine = [p for p in points if p["task"] == task and (p["row"] in tuned) == is_tuned]
+            if mine:
+                axes.scatter([p["damage"] for p in mine], [100 * p["loss"] for p in mine], s=size, marker=marker,
+                             color=colours(i % 10), alpha=0.75, label=task if not is_tuned else None,
+                             edgecolors="black" if is_tuned else "none", linewidths=0.5)
+    damages = [p["damage"] for p in points]
+    if min(damages) > 0 and max(damages) / min(damages) > 20:  # spread over decades: a linear axis hides most
+        axes.set_xscale("log")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set_xlabel("predicted damage ÷ forgetting" + (" (log scale)" if axes.get_xscale() == "log" else ""))
+    axes.set_ylabel("accuracy loss: 1 − test accuracy ÷ fine-tune's (%)")
+    axes.legend(fontsize=7, title="task (★: tuned on damage)", title_fontsize=7)
+    axes.set_title(f"{results['suite']}: Spearman ρ {c['pooled']:.2f} over {c['points']} points, "
+                   f"{c['within']:.2f} within a task and seed", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return [path]
+
+
+def write(results: dict[str, Any], directory: Path, *, damage: bool = False) -> list[Path]:
+    """The JSON, the Markdown and the charts; ``damage`` adds the predicted-damage scatter (the benchmark's
+    runs draw it; the demo keeps to its two charts)."""
     directory.mkdir(parents=True, exist_ok=True)
     suite = results["suite"]
     json_path, md_path = directory / f"{suite}.json", directory / f"{suite}.md"
     json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     md_path.write_text(markdown(results))
-    return [json_path, md_path, *charts(results, directory)]
+    return [json_path, md_path, *charts(results, directory), *(damage_chart(results, directory) if damage else [])]
 
 
 def summary_table(suites: list[dict[str, Any]]) -> str:
