@@ -384,8 +384,9 @@ def damage_chart(results: dict[str, Any], directory: Path) -> list[Path]:
                 axes.scatter([p["damage"] for p in mine], [100 * p["loss"] for p in mine], s=size, marker=marker,
                              color=colours(i % 10), alpha=0.75, label=task if not is_tuned else None,
                              edgecolors="black" if is_tuned else "none", linewidths=0.5)
-    damages = [p["damage"] for p in points]
-    if min(damages) > 0 and max(damages) / min(damages) > 20:  # spread over decades: a linear axis hides most
+    damages = sorted(p["damage"] for p in points)
+    low, high = damages[len(damages) // 20], damages[-1 - len(damages) // 20]  # the 5th and 95th percentiles
+    if damages[0] > 0 and high > 10 * low:  # most points spread over decades: a linear axis would hide them
         axes.set_xscale("log")
     axes.axhline(0, color="black", linewidth=0.6)
     axes.set_xlabel("predicted damage ÷ forgetting" + (" (log scale)" if axes.get_xscale() == "log" else ""))
