@@ -49,9 +49,7 @@ def _plan(recipe: Recipe, label: str, damage: bool = True) -> Plan:
     if get_method(recipe.merge_method).layerwise:  # checked as the weighted average that plans its outputs
         from mergesmith.layerwise import planning_recipe
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not use a base model.*", category=MergeWarning)
-            return _plan(planning_recipe(recipe), label, damage=False)
+        return _plan(planning_recipe(recipe), label, damage=False)
     try:
         return build_plan(recipe, lambda model: open_model(model, recipe.base_model),
                           lambda stats: StatsReader(Path(stats)), damage=damage)

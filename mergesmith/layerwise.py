@@ -60,14 +60,16 @@ class _Capture(nn.Module):
 
 
 def planning_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as a weighted average (``linear``): its plan names every output tensor, its dtype, the heads
-    kept and the files beside the weights, and merges every tensor outside the layer stack as RegMean's
-    fallback does."""
+    """The recipe as a weighted average with an optional base, as RegMean takes one (``mats`` with the identity
+    precision): its plan names every output tensor, its dtype, the heads kept and the files beside the weights
+    (config and head from the base when there is one), and merges every tensor outside the layer stack as
+    RegMean's fallback does."""
     data = recipe.model_dump(exclude_none=True)
-    data["merge_method"] = "linear"
+    data["merge_method"] = "mats"
     data.pop("calibration", None)
     data.pop("base_stats", None)
-    data["parameters"] = {k: v for k, v in (data.get("parameters") or {}).items() if k == "weight"}
+    data["parameters"] = {**{k: v for k, v in (data.get("parameters") or {}).items() if k == "weight"},
+                          "precision": "identity", "init": "average"}
     for entry in data["models"]:
         entry.pop("data", None)
         entry.pop("stats", None)

@@ -161,7 +161,8 @@ def regmean(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[
     return gram_solve(tensors, grams, weight, alpha, name)
 
 
-@register("regmean_plusplus", base="optional", layerwise=True, reference="arXiv:2508.03121", params=[
+@register("regmean_plusplus", base="optional", layerwise=True, reference="arXiv:2508.03121",
+          tuning=fixed({"regmean_plusplus": points(alpha=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0])}), params=[
     WEIGHT,
     Param("alpha", float, 1.0, interval=(0.0, 1.0), help="scale of the Gram matrices' off-diagonal entries"),
 ])

@@ -97,7 +97,7 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
         tasks = [t.name for t in seed_tasks]
         classes = {t.name: t.num_labels for t in seed_tasks}
         sources = {t.name: t.source for t in seed_tasks}
-        rows = rows or select(variants(len(tasks), quick=quick), only)
+        rows = rows or select(_for_inputs(variants(len(tasks), quick=quick), seed_tasks), only)
         result = run_seed(suite, base, work / f"seed-{seed}", seed, quick=quick, rows=rows, progress=progress,
                           say=say)
         per_seed.append(asdict(result))
@@ -107,6 +107,14 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
     assert rows is not None
     return _results(name, suite, quick, list(seeds), tasks, classes, sources, command,
                     time.perf_counter() - started, rows, per_seed, planned=list(seeds))
+
+
+def _for_inputs(rows: list[Variant], tasks: list) -> list[Variant]:
+    """The rows that can merge the suite's models: a layer-wise merge (regmean_plusplus) reads text only."""
+    from mergesmith.methods import get_method
+
+    text = bool(tasks) and "text" in tasks[0].train[0]
+    return [r for r in rows if text or not get_method(r.method).layerwise]
 
 
 def select(rows: list[Variant], only: Sequence[str] | None) -> list[Variant]:

@@ -78,7 +78,7 @@ class Variant:
 
 # Rows tuned on the damage surrogate: (label, method, the one point's fixed parameters, its tune: block). TIES's
 # search starts at the centre of its box; Fisher merging keeps the committed fisher row's choice (global
-# normalisation on every seed of both suites, the floor 1e-10 on eight of nine) and tunes the weights λ_i.
+# normalisation on all eight seeds of the three suites, the floor 1e-10 on six) and tunes the weights λ_i.
 DAMAGE_ROWS = (
     ("task_arithmetic[damage]", "task_arithmetic", {"lambda": 1.0}, {"parameters": ["weight"], "objective": "sum"}),
     ("ties[damage]", "ties", {"density": 0.55, "lambda": 0.8},
@@ -455,6 +455,15 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                 _stamp(out, settings)
         sidecars[task.name] = out
     result.measure_seconds = time.perf_counter() - t0
+    # a layer-wise merge (regmean_plusplus) reads calibration text at merge time: the sidecars' examples
+    calibration: dict[str, Any] = {}
+    if any(get_method(row.method).layerwise for row in rows):
+        for task in tasks:
+            calibration[task.name] = work / f"calibration-{task.name}.jsonl"
+            calibration[task.name].write_text("".join(json.dumps({"text": e["text"]}) + "\n"
+                                                      for e in task.train[:stats_examples]))
+        calibration["settings"] = {"examples": stats_examples, **{k: measure_options[k] for k in
+                                                                  ("max_length", "batch_size") if k in measure_options}}
 
     for row in rows:
         scores, seconds = [], []
@@ -462,7 +471,7 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             # the best point's model so far stays loaded, so that only it is scored on test at the end
             best, best_model, tuned = 0, None, None
             for i, point in enumerate(row.grid):
-                recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None)
+                recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None, calibration)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -486,6 +495,10 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                 del model
             result.test[row.label] = {t.name: accuracy(best_model, heads[t.name], suite, t.test) for t in tasks}
             del best_model
+            judged = None
+            if get_method(row.method).layerwise:  # its damage is judged on the merged checkpoint itself
+                judged = _judge_recipe(work / f"merged-{best}", base, finetunes, sidecars)
+                result.damage[row.label], result.damage_total[row.label] = predicted_damage(judged, finetunes, seed)
             _fresh(work / f"merged-{best}")
         result.val[row.label], result.chosen[row.label] = scores[best], dict(row.grid[best])
         result.val_grid[row.label] = scores
@@ -495,9 +508,10 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             result.tuning[row.label] = {"before": tuned.before, "after": tuned.after, "search": tuned.search,
                                         "evaluations": tuned.evaluations}
         with progress(f"seed {seed}: {row.label}, predicted damage of the chosen point"):
-            chosen = tuned.recipe if tuned is not None else _damage_recipe(row, row.grid[best], base, finetunes,
-                                                                            sidecars)
-            result.damage[row.label], result.damage_total[row.label] = predicted_damage(chosen, finetunes, seed)
+            if judged is None:
+                chosen = tuned.recipe if tuned is not None else _damage_recipe(row, row.grid[best], base, finetunes,
+                                                                                sidecars)
+                result.damage[row.label], result.damage_total[row.label] = predicted_damage(chosen, finetunes, seed)
         say(f"seed {seed}: {row.label:<18} {_mean(result.test[row.label]):6.1%} test accuracy "
             f"(validation {scores[best]:.1%} of the fine-tunes; {result.merge_seconds[row.label]:.1f} s per merge; "
             f"predicted damage {_mean_known(result.damage[row.label]):.3g} of the forgetting)")
@@ -520,10 +534,13 @@ def _head_digest(head: Head) -> str:
 
 
 def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
-            sidecars: dict[str, Path] | None) -> dict[str, Any]:
+            sidecars: dict[str, Path] | None, calibration: dict[str, Path] | None = None) -> dict[str, Any]:
     """A grid point's merge recipe; a tuned row's carries its ``tune:`` block, and the start even where the
-    method ignores it (the objective divides each model's damage by its forgetting, measured from the start)."""
-    models = [{"model": str(path), **({"stats": str(sidecars[task])} if sidecars else {})}
+    method ignores it (the objective divides each model's damage by its forgetting, measured from the start);
+    a layer-wise row's models their calibration text."""
+    layerwise = get_method(row.method).layerwise
+    models = [{"model": str(path), **({"stats": str(sidecars[task])} if sidecars and not layerwise else {}),
+               **({"data": str(calibration[task])} if layerwise else {})}
               for task, path in finetunes.items()]
     recipe: dict[str, Any] = {"merge_method": row.method, "models": models, "parameters": dict(point),
                               "heads": "each", "dtype": "float32"}
@@ -531,7 +548,19 @@ def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str
         recipe["base_model"] = str(base)
     if row.tune is not None:
         recipe["tune"] = dict(row.tune)
+    if layerwise:
+        recipe["calibration"] = dict(calibration["settings"])
     return recipe
+
+
+def _judge_recipe(merged: Path, base: Path, finetunes: dict[str, Path], sidecars: dict[str, Path]) -> dict[str, Any]:
+    """A recipe whose output is the checkpoint ``merged`` itself (weight 1 beside weight-0 fine-tunes), so that
+    predicting its damage judges a merge no recipe of tensor-wise arithmetic reproduces (a layer-wise one)."""
+    models = [{"model": str(merged), "parameters": {"weight": 1.0}},
+              *({"model": str(path), "stats": str(sidecars[task]), "parameters": {"weight": 0.0}}
+                for task, path in finetunes.items())]
+    return {"merge_method": "linear", "base_model": str(base), "models": models, "heads": "each",
+            "dtype": "float32"}
 
 
 def _damage_recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
