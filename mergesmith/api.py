@@ -290,6 +290,18 @@ def extract_lora(finetune: str | Path, base: str | Path, output: str | Path, *, 
     return merge(recipe, output, overwrite=overwrite, device=device, adapter_rank=rank, on_tensor=on_tensor)
 
 
+def _head_owner_dir(recipe: Recipe, plan: Plan) -> Path | None:
+    """The directory of the model whose head the main checkpoint copies, when a heads policy copies one."""
+    owner = recipe.base_model if recipe.heads in ("each", "base") else None if recipe.heads == "merge" else recipe.heads
+    if owner is None:
+        return None
+    source = next((s for s in plan.sources if s.name == owner), None)
+    copied = {i.source.name for job in plan.jobs if job.method.name == "passthrough" for i in job.reads}
+    if source is None or owner not in copied:
+        return None
+    return getattr(source, "directory", None)
+
+
 def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | None]:
     """Where the output's config.json and tokenizer come from, decided (and any surprise said) at plan time:
     the reference model's (the base, else the first model), else the first input that has one, with a
@@ -299,6 +311,11 @@ def _companion_files(recipe: Recipe, plan: Plan) -> tuple[Path | None, Path | No
     with_config = [d for d in directories if d is not None and contained_file(d, "config.json")]
     config_dir = with_config[0] if with_config else None
     reference_dir = directories[0]
+    head_dir = _head_owner_dir(recipe, plan)
+    if head_dir is not None and contained_file(head_dir, "config.json"):
+        # the config states the head's label space: it comes with the head the main checkpoint holds (heads: each
+        # or base copy the base's even where the method ignores the base, heads: MODEL that model's)
+        config_dir = reference_dir = head_dir
     if config_dir is not None and config_dir != reference_dir:
         warnings.warn(MergeWarning(f"'{plan.reference.name}' has no config.json; the output takes "
                                    f"{config_dir / 'config.json'}"), stacklevel=2)

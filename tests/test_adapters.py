@@ -247,9 +247,10 @@ def test_peft_cat_combination_equals_the_linear_merge(lora, tmp_path):
 
 def _methods() -> list[str]:
     """Every method that can merge three models into a base (passthrough takes one; nearswap and arcee_fusion two),
-    but WUDI: its own test follows."""
+    but WUDI (its own test follows) and the layer-wise regmean_plusplus (which takes full checkpoints only)."""
     return [m for m in method_names()
-            if (get_method(m).max_models or 3) >= 3 and get_method(m).min_models <= 3 and m != "wudi"]
+            if (get_method(m).max_models or 3) >= 3 and get_method(m).min_models <= 3 and m != "wudi"
+            and not get_method(m).layerwise]
 
 
 @pytest.fixture(scope="module")

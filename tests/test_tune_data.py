@@ -171,3 +171,14 @@ def test_dry_run_tunes_on_data_and_says_there_is_no_damage_to_predict(lm_data, t
     assert tuned.code == 0, tuned.stderr
     assert "mean validation accuracy" in tuned.stdout and "nothing to predict" in tuned.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_heads_each_with_a_base_the_method_ignores_writes_a_loadable_model(classifiers, tmp_path):
+    """linear ignores the base, but heads: each copies the base's head into the main checkpoint: the config
+    must be the base's too (it was the first model's, whose 3 labels did not fit the 2-way head)."""
+    spec = {"merge_method": "linear", "base_model": str(classifiers["base"]), "heads": "each", "dtype": "float32",
+            "models": [{"model": str(classifiers[m])} for m in ("ft2", "ft1")]}
+    with pytest.warns(Warning):
+        merge(spec, tmp_path / "out")
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert model.config.num_labels == 2 and model.score.weight.shape == (2, 32)

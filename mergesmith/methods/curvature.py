@@ -162,6 +162,7 @@ def regmean(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[
 
 
 @register("regmean_plusplus", base="optional", layerwise=True, reference="arXiv:2508.03121",
+          needs=lambda kwargs: ("gram",),  # measured at merge time (mergesmith.layerwise), not read from a sidecar
           tuning=fixed({"regmean_plusplus": points(alpha=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0])}), params=[
     WEIGHT,
     Param("alpha", float, 1.0, interval=(0.0, 1.0), help="scale of the Gram matrices' off-diagonal entries"),
