@@ -104,12 +104,12 @@ def tune(recipe: Recipe, *, device: str = "cpu", seed: int = 0, on_progress: Pro
     plain = recipe.without_tune()
     if spec.data is not None:
         return _tune_search(plain, spec, _on_data(plain, spec, device=device, seed=seed), on_progress=on_progress,
-                            what="validation pass")
+                            what="validation trials (a merge into memory each)")
     form = None if "weight" in (spec.shared or []) else _linear_form(plain, spec.parameters)
     if form is not None:
         return _tune_exact(plain, spec, form, device=device, seed=seed, on_progress=on_progress)
     return _tune_search(plain, spec, _on_damage(spec, device=device, seed=seed), on_progress=on_progress,
-                        what="merge pass without writing")
+                        what="trials (a merge pass without writing each)")
 
 
 Evaluator = Callable[[Recipe], tuple[float, dict[str, float]]]  # a plain recipe -> (objective, per model)
@@ -367,8 +367,8 @@ def _tune_search(recipe: Recipe, spec: Any, evaluator: Evaluator, *, on_progress
         _cma_minimise(evaluate, torch.tensor(start, dtype=torch.float64), box, spec.trials - 1, spec.seed)
     values = best[1]
     return TuneResult(recipe.without_tune(values), values, spec.goal, before, sign * best[0],
-                      f"by CMA-ES over {len(box)} coordinate{'s' * (len(box) > 1)} in {len(seen)} "
-                      f"{what}{'es' * (len(seen) > 1)}", len(seen), seen[key_of(values)][1])
+                      f"by CMA-ES over {len(box)} coordinate{'s' * (len(box) > 1)} in {len(seen)} {what}",
+                      len(seen), seen[key_of(values)][1])
 
 
 def _own_values(recipe: Recipe, name: str, default: Any, count: int) -> list[float | None]:

@@ -350,7 +350,8 @@ RANGES = {
 }
 # where a method's parameter has its own range: the curvature methods' weights weigh precision matrices
 CURVATURE_WEIGHT = (float, 0.0, INF, False, True)
-METHOD_RANGES = {(m, "weight"): CURVATURE_WEIGHT for m in ("fisher", "regmean", "regmean_plusplus", "mats", "gradient_matching")}
+METHOD_RANGES = {(m, "weight"): CURVATURE_WEIGHT
+                 for m in ("fisher", "regmean", "regmean_plusplus", "mats", "gradient_matching")}
 # the subspace methods' alpha is the scale of the merged task vector, not RegMean's off-diagonal share
 METHOD_RANGES |= {(m, "alpha"): (float, -INF, INF, True, True) for m in ("tsv", "iso_c", "iso_cts", "wudi")}
 # RAM's epsilon is a threshold on |τ_i|, RAM+'s alpha a cap on a ratio, NearSwap's t a distance
