@@ -176,7 +176,7 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
                       f"error of the delta {summary.adapter['overall_error']:.2e} overall"
                       + (f", worst {shown}" if worst else ""))
     if summary.tuning is not None:
-        table.add_row("tuned", tuning_line(summary.tuning))
+        table.add_row("tuned", summary.tuning.line())
     if summary.layers:
         seconds = [t["seconds"] for t in summary.layers]
         measuring = sum(t["measure_seconds"] for t in summary.layers)
@@ -188,10 +188,6 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
         console.print(solver_table(summary.solver))
     if summary.damage:
         console.print(damage_table(summary.damage))
-
-
-def tuning_line(result) -> str:  # noqa: ANN001 — a TuneResult
-    return result.line()
 
 
 def damage_table(damage: list, worst: int = 3) -> Table:  # a list of ModelDamage
@@ -271,22 +267,20 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
         listing.print(f"  {'tune:':<20}would choose {', '.join(spec.parameters)} on {basis} before merging "
                       f"(--damage runs the tuning and prints the tuned recipe)", highlight=False)
     if damage:
-        _dry_run_damage(recipe, device=device, seed=seed, quiet=quiet)
+        _dry_run_damage(recipe, loaded, device=device, seed=seed, quiet=quiet)
 
 
-def _dry_run_damage(recipe: Path, *, device: str, seed: int, quiet: bool) -> None:
+def _dry_run_damage(recipe: Path, loaded, *, device: str, seed: int, quiet: bool) -> None:  # noqa: ANN001
     from mergesmith.api import predict_damage
-    from mergesmith.config import load_recipe
     from mergesmith.tune import tune
 
-    loaded = load_recipe(recipe)
     if loaded.tune is not None:
         bar, on_tune = _tune_progress(quiet)
         try:
             result = tune(loaded, device=device, seed=seed, on_progress=on_tune)
         finally:
             bar.stop()
-        listing.print(f"  {'tuned:':<20}{escape(tuning_line(result))}", highlight=False)
+        listing.print(f"  {'tuned:':<20}{escape(result.line())}", highlight=False)
         listing.print("  the tuned recipe (the tune: block's values written in):", highlight=False)
         listing.print(escape(result.recipe.to_yaml()), highlight=False)
         recipe = result.recipe

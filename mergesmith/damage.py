@@ -136,10 +136,6 @@ class ModelDamage:
         values = self.by_layer() if layers else self.tensors
         return sorted(values.items(), key=lambda kv: -kv[1])[:n]
 
-    def as_dict(self, n: int = 10) -> dict[str, Any]:
-        return {"model": self.model, "unit": self.unit, "total": self.total, "forgetting": self.forgetting,
-                "normalised": self.normalised, "kinds": dict(self.kinds), "uncovered": self.uncovered,
-                "worst_layers": self.worst(n), "worst_tensors": self.worst(n, layers=False)}
 
 
 class DamageMeter:
@@ -180,19 +176,12 @@ class DamageMeter:
 class Moments:
     """Model i's damage as a quadratic in the coefficients of a task-vector merge: for θ = θ_0 + Σ_j c_j τ_j
     (τ_j = θ_j − θ_0, θ_0 the base), ΔL_i(c) = (c − e_i)ᵀ M_i (c − e_i) with M_i[j, k] = ½ τ_jᵀ F_i τ_k summed
-    over the tensors model i has curvature for, in total and per layer (``ModelDamage.by_layer``'s groups)."""
+    over the tensors model i has curvature for (``tune.surrogate`` evaluates it)."""
 
     model: str
     index: int  # model i's position among the merged models (its e_i)
     unit: str = LOSS
     total: Tensor | None = None
-    layers: dict[str, Tensor] = field(default_factory=dict)
-
-    def damage(self, coefficients: Tensor) -> float:
-        """ΔL_i at these coefficients (float64, one per merged model)."""
-        offset = coefficients.double().clone()
-        offset[self.index] -= 1.0
-        return float(offset @ self.total @ offset)
 
     @property
     def forgetting(self) -> float:
@@ -211,8 +200,6 @@ class MomentMeter:
             loaded: Sequence[list[Tensor] | None]) -> None:
         reference = (base if base is not None else inputs[0]).float()
         vectors = [x.float().to(reference.device) - reference for x in inputs]
-        parts = split_layer_name(name)
-        group = f"{parts[0]}.{parts[1]}" if parts else name
         for model, curvature, stats in zip(plan.models, plan.curvatures, loaded):
             if curvature is None or stats is None or curvature.unit == GRAM_UNIT:
                 continue
@@ -220,7 +207,6 @@ class MomentMeter:
             record.unit = curvature.unit
             forms = self._halves.forms((model, curvature.module), curvature, stats, vectors)
             record.total = forms if record.total is None else record.total + forms
-            record.layers[group] = record.layers[group] + forms if group in record.layers else forms
 
     def report(self) -> list[Moments]:
         return list(self.models.values())
