@@ -16,7 +16,8 @@ fine-tuning seed):
    ``mergesmith.merge`` (``heads: each``), the point with the best mean normalised validation accuracy is
    kept, and its test accuracy is reported. Normalised accuracy is accuracy ÷ the task's own fine-tune's.
    The ``DAMAGE_ROWS`` have one point whose recipe carries a ``tune:`` block: the merge chooses its
-   coefficients on predicted damage (``mergesmith.tune``), with no validation data;
+   coefficients on predicted damage (``mergesmith.tune``), with no validation data; the ``VALIDATION_ROWS``
+   (text suites) choose them on each task's validation split instead (``tune:`` with ``data:``);
 5. the chosen point's predicted damage (``mergesmith.predict_damage``, every model's sidecar and the start
    in the recipe, whatever the method reads) is recorded per task, to set against the measured loss.
 
@@ -87,16 +88,31 @@ DAMAGE_ROWS = (
     ("fisher[damage]", "fisher", {"fisher_normalize": "global", "fisher_floor": 1e-10},
      {"parameters": ["weight"], "objective": "sum", "bounds": {"weight": [0.05, 3.0]}, "trials": 24}),
 )
+# Rows tuned on validation data: each task's validation split, in measure's JSONL format, is its model's
+# tune.data (VALIDATION_DATA stands in the results for the files a seed writes). Task arithmetic's per-model
+# weights are the coefficients a user would tune (mergekit-evolve's, AdaMerging's), scored by log-likelihood:
+# smoother than accuracy on 120 examples a task, so the search sees small steps.
+VALIDATION_DATA = "each task's validation split"
+VALIDATION_ROWS = (
+    ("task_arithmetic[validation]", "task_arithmetic", {"lambda": 1.0},
+     {"parameters": ["weight"], "objective": "loglik", "bounds": {"weight": [0.0, 1.5]}, "trials": 48,
+      "data": VALIDATION_DATA}),
+)
 QUICK_TRIALS = 4  # --quick: a search of a few merge passes, enough to run every step of it
 
 
 def damage_variants(*, quick: bool = False) -> list[Variant]:
-    """The ``DAMAGE_ROWS`` (``quick``: at most ``QUICK_TRIALS`` merge passes per search)."""
+    """The ``DAMAGE_ROWS`` and ``VALIDATION_ROWS`` (``quick``: at most ``QUICK_TRIALS`` merge passes per
+    search)."""
     rows = []
-    for label, method, point, spec in DAMAGE_ROWS:
+    for label, method, point, spec in (*DAMAGE_ROWS, *VALIDATION_ROWS):
         tune = {**spec, "trials": min(spec["trials"], QUICK_TRIALS)} if quick and "trials" in spec else dict(spec)
         rows.append(Variant(label, method, [dict(point)], True, tune))
     return rows
+
+
+def on_validation(row: Variant) -> bool:
+    return row.tune is not None and "data" in row.tune
 
 
 def variants(n_models: int, *, quick: bool = False) -> list[Variant]:
@@ -464,6 +480,15 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
                                                       for e in task.train[:stats_examples]))
         calibration["settings"] = {"examples": stats_examples, **{k: measure_options[k] for k in
                                                                   ("max_length", "batch_size") if k in measure_options}}
+    # a row tuned on validation data reads each task's validation split, whole, in measure's format
+    validation: dict[str, Any] = {}
+    if any(on_validation(row) for row in rows):
+        for task in tasks:
+            validation[task.name] = work / f"validation-{task.name}.jsonl"
+            validation[task.name].write_text("".join(json.dumps({"text": e["text"], "label": e["label"]}) + "\n"
+                                                     for e in task.val))
+        validation["settings"] = {"examples": max(len(t.val) for t in tasks),
+                                  **{k: measure_options[k] for k in ("max_length", "batch_size") if k in measure_options}}
 
     for row in rows:
         scores, seconds = [], []
@@ -471,7 +496,8 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             # the best point's model so far stays loaded, so that only it is scored on test at the end
             best, best_model, tuned = 0, None, None
             for i, point in enumerate(row.grid):
-                recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None, calibration)
+                recipe = _recipe(row, point, base, finetunes, sidecars if row.data_aware else None, calibration,
+                                 validation)
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -534,10 +560,11 @@ def _head_digest(head: Head) -> str:
 
 
 def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str, Path],
-            sidecars: dict[str, Path] | None, calibration: dict[str, Path] | None = None) -> dict[str, Any]:
+            sidecars: dict[str, Path] | None, calibration: dict[str, Any] | None = None,
+            validation: dict[str, Any] | None = None) -> dict[str, Any]:
     """A grid point's merge recipe; a tuned row's carries its ``tune:`` block, and the start even where the
     method ignores it (the objective divides each model's damage by its forgetting, measured from the start);
-    a layer-wise row's models their calibration text."""
+    a layer-wise row's models their calibration text; a row tuned on validation data each task's split."""
     layerwise = get_method(row.method).layerwise
     models = [{"model": str(path), **({"stats": str(sidecars[task])} if sidecars and not layerwise else {}),
                **({"data": str(calibration[task])} if layerwise else {})}
@@ -548,6 +575,10 @@ def _recipe(row: Variant, point: dict[str, Any], base: Path, finetunes: dict[str
         recipe["base_model"] = str(base)
     if row.tune is not None:
         recipe["tune"] = dict(row.tune)
+    if on_validation(row):
+        assert validation, "a row tuned on validation data needs the seed's validation files"
+        recipe["tune"].update(validation["settings"],
+                              data={str(path): str(validation[task]) for task, path in finetunes.items()})
     if layerwise:
         recipe["calibration"] = dict(calibration["settings"])
     return recipe

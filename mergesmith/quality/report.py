@@ -198,7 +198,8 @@ def reading(results: dict[str, Any]) -> list[str]:
 
 
 def tuned_rows(results: dict[str, Any]) -> set[str]:
-    return {row["label"] for row in results["rows"] if row.get("tune")}
+    """The rows tuned on predicted damage (not those tuned on validation data: their tune: has data)."""
+    return {row["label"] for row in results["rows"] if row.get("tune") and "data" not in row["tune"]}
 
 
 def gap_closed(stats: dict[str, dict[str, Any]], rows: list[str], tuned: set[str]) -> str:
@@ -248,8 +249,10 @@ def markdown(results: dict[str, Any]) -> str:
     order = [*REFERENCES, *sorted(rows, key=lambda r: -row_stats(results, r)["normalised"])]
     for row in order:
         s = row_stats(results, row)
-        kind = "reference" if row in REFERENCES else ("tuned on damage" if info[row].get("tune") else
-                                                     "data-aware" if info[row]["data_aware"] else "data-free")
+        tune = info[row].get("tune") if row in info else None
+        kind = "reference" if row in REFERENCES else (
+            ("tuned on validation" if "data" in tune else "tuned on damage") if tune else
+            "data-aware" if info[row]["data_aware"] else "data-free")
         grid = str(len(info[row]["grid"])) if row in info else ""
         seconds = f"{merge_seconds[row]:.1f}" if row in merge_seconds else ""
         out.append(f"| {row} | {kind} | {grid} | {s['normalised']:.1f} ± {s['normalised_spread']:.1f} | "
