@@ -56,8 +56,9 @@ class ValidationSet:
         execute(plan, into_network, device=device, seed=seed)
         if unknown:
             raise UsageError(f"tune: data: the merged tensor {unknown[0]} is not one of the network's (built from "
-                             f"{recipe.base_model or recipe.models[0].model}); validation tuning needs the models' "
-                             f"own architecture")
+                             f"{recipe.base_model or recipe.models[0].model}, as transformers names its tensors in "
+                             f"memory); validation tuning needs the models' own architecture, named in memory as "
+                             f"in its checkpoint")
         sources = {s.name: s for s in plan.sources}
         results = {}
         for entry in self.data:
@@ -131,8 +132,10 @@ def model_batches(recipe: Recipe, data: Mapping[str, str], *, text_field: str, l
         CLASSIFIER_TASKS,
         TOKENIZER_FILES,
         batches,
+        check_images,
         check_labels,
         check_tokens,
+        image_batches,
         infer_task,
         load_tokenizer,
         read_config,
@@ -145,8 +148,9 @@ def model_batches(recipe: Recipe, data: Mapping[str, str], *, text_field: str, l
                          f"the recipe a base_model")
     config = read_config(skeleton)
     task = infer_task(skeleton, config)
-    if task == "image-cls":
-        raise UsageError(f"{purpose}: image classifiers are not supported yet")
+    images = task == "image-cls"
+    if images and label_field is None:
+        raise UsageError(f"{purpose}: image classifiers are not supported yet (calibration data is text)")
     classifier = task in CLASSIFIER_TASKS
     prepared = []
     for model in models:
@@ -155,14 +159,18 @@ def model_batches(recipe: Recipe, data: Mapping[str, str], *, text_field: str, l
         own_config = read_config(own) if (own / "config.json").is_file() else config
         wants_labels = classifier and label_field is not None  # calibration data needs no labels
         rows = load_examples(where, text_field=text_field, label_field=label_field if wants_labels else None,
-                             max_examples=examples, seed=seed)
+                             max_examples=examples, seed=seed, image_field="pixel_values" if images else None)
         if wants_labels:
             check_labels(rows, own_config, task, where)
-        tokenizer_dir = own if any((own / f).is_file() for f in TOKENIZER_FILES) else skeleton
-        tokenizer = load_tokenizer(tokenizer_dir, config_dir=skeleton)
-        length = check_tokens(rows, tokenizer, own_config, task=task, max_length=max_length, batch_size=batch_size,
-                              model_dir=tokenizer_dir, data=where)
-        prepared.append(ModelData(model, list(batches(rows, tokenizer, batch_size=batch_size, max_length=length,
-                                                      device=torch.device(device))), len(rows)))
+        if images:  # pixels as given, as measure takes them: no tokenizer
+            stream = image_batches(check_images(rows, own_config, where), batch_size=batch_size,
+                                   device=torch.device(device))
+        else:
+            tokenizer_dir = own if any((own / f).is_file() for f in TOKENIZER_FILES) else skeleton
+            tokenizer = load_tokenizer(tokenizer_dir, config_dir=skeleton)
+            length = check_tokens(rows, tokenizer, own_config, task=task, max_length=max_length,
+                                  batch_size=batch_size, model_dir=tokenizer_dir, data=where)
+            stream = batches(rows, tokenizer, batch_size=batch_size, max_length=length, device=torch.device(device))
+        prepared.append(ModelData(model, list(stream), len(rows)))
     return task, skeleton, prepared
 

@@ -182,3 +182,42 @@ def test_heads_each_with_a_base_the_method_ignores_writes_a_loadable_model(class
         merge(spec, tmp_path / "out")
     model = LlamaForSequenceClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == 2 and model.score.weight.shape == (2, 32)
+
+
+def test_an_image_classifiers_validation_data_is_scored_on_the_merged_checkpoint(tmp_path):
+    """pixel_values rows in measure's image format: each trial's log-likelihood and accuracy are those of the
+    merged checkpoint loaded by transformers, scored one image at a time in float64."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    # the vision suite's architecture (a ViT's in-memory names differ from its checkpoint's in transformers 5)
+    config = ConvNextConfig(num_channels=1, patch_size=2, image_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                            num_stages=2, num_labels=3, layer_scale_init_value=0.0)
+    torch.manual_seed(3)
+    paths = {}
+    for name in ("base", "ft1", "ft2"):
+        model = ConvNextForImageClassification(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+        model.save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    generator = torch.Generator().manual_seed(4)
+    for name in ("ft1", "ft2"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"pixel_values": torch.randn(1, 8, 8, generator=generator).tolist(),
+                                                  "label": i % 3} for i in range(5)])
+    spec = {"merge_method": "task_arithmetic", "base_model": str(paths["base"]), "dtype": "float32",
+            "parameters": {"lambda": 0.7}, "models": [{"model": str(paths[m])} for m in ("ft1", "ft2")]}
+    data = {str(paths[m]): str(tmp_path / f"{m}.jsonl") for m in ("ft1", "ft2")}
+    validation = load_validation(parse_recipe(spec), data, batch_size=2)
+    loglik = validation.score(parse_recipe(spec), "loglik")
+    accuracy = validation.score(parse_recipe(spec), "accuracy")
+    merge(spec, tmp_path / "merged")
+    merged = ConvNextForImageClassification.from_pretrained(tmp_path / "merged").double().eval()
+    for m in ("ft1", "ft2"):
+        rows = [json.loads(line) for line in (tmp_path / f"{m}.jsonl").read_text().splitlines()]
+        with torch.no_grad():
+            logits = [merged(pixel_values=torch.tensor(r["pixel_values"], dtype=torch.float64)[None]).logits[0]
+                      for r in rows]
+        expected = sum(float(torch.log_softmax(z, -1)[r["label"]]) for z, r in zip(logits, rows)) / len(rows)
+        assert loglik[str(paths[m])] == pytest.approx(expected, rel=1e-5)
+        assert accuracy[str(paths[m])] == sum(int(z.argmax()) == r["label"] for z, r in zip(logits, rows)) / len(rows)

@@ -110,13 +110,11 @@ def run_suite(name: str, work: Path, *, seeds: Sequence[int] = (0, 1, 2), quick:
 
 
 def _for_inputs(rows: list[Variant], tasks: list) -> list[Variant]:
-    """The rows that can merge the suite's models: a layer-wise merge (regmean_plusplus) and a merge tuned on
-    validation data read text only."""
+    """The rows that can merge the suite's models: a layer-wise merge (regmean_plusplus) reads text only."""
     from mergesmith.methods import get_method
-    from mergesmith.quality.protocol import on_validation
 
     text = bool(tasks) and "text" in tasks[0].train[0]
-    return [r for r in rows if text or not (get_method(r.method).layerwise or on_validation(r))]
+    return [r for r in rows if text or not get_method(r.method).layerwise]
 
 
 def select(rows: list[Variant], only: Sequence[str] | None) -> list[Variant]:

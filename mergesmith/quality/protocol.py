@@ -17,7 +17,7 @@ fine-tuning seed):
    kept, and its test accuracy is reported. Normalised accuracy is accuracy ÷ the task's own fine-tune's.
    The ``DAMAGE_ROWS`` have one point whose recipe carries a ``tune:`` block: the merge chooses its
    coefficients on predicted damage (``mergesmith.tune``), with no validation data; the ``VALIDATION_ROWS``
-   (text suites) choose them on each task's validation split instead (``tune:`` with ``data:``);
+   choose them on each task's validation split instead (``tune:`` with ``data:``);
 5. the chosen point's predicted damage (``mergesmith.predict_damage``, every model's sidecar and the start
    in the recipe, whatever the method reads) is recorded per task, to set against the measured loss.
 
@@ -485,8 +485,8 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
     if any(on_validation(row) for row in rows):
         for task in tasks:
             validation[task.name] = work / f"validation-{task.name}.jsonl"
-            validation[task.name].write_text("".join(json.dumps({"text": e["text"], "label": e["label"]}) + "\n"
-                                                     for e in task.val))
+            validation[task.name].write_text("".join(json.dumps({k: e[k] for k in ("text", "pixel_values", "label")
+                                                                 if k in e}) + "\n" for e in task.val))
         validation["settings"] = {"examples": max(len(t.val) for t in tasks),
                                   **{k: measure_options[k] for k in ("max_length", "batch_size") if k in measure_options}}
 
