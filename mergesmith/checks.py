@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from mergesmith.errors import UsageError
+from mergesmith.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 
 def value_range(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,9 +95,12 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
                                       "its sidecar (default: while merging, when the recipe names sidecars; with "
                                       "--dry-run, --damage runs the merge without writing to predict it).")) -> None:
     """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory, or a PEFT adapter)."""
-    from mergesmith.api import merge as run_merge
+    from mergesmith.config import load_recipe
 
     _check_rank(output_adapter, rank)
+    load_recipe(recipe)  # the recipe's own errors, before the merge's imports (torch) cost a second
+    from mergesmith.api import merge as run_merge
+
     if dry_run:
         _dry_run(recipe, output, overwrite=overwrite, max_shard_size=max_shard_size,
                  adapter_rank=rank if output_adapter else None, damage=bool(damage), device=device, seed=seed,
@@ -230,6 +233,9 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
              damage: bool = False, device: str = "cpu", seed: int = 0, quiet: bool = False) -> None:
     """Every check of a merge, then its plan on stdout; nothing is read beyond headers, nothing written. With
     ``damage`` the merge is computed (nothing written) to predict each model's damage."""
+    from mergesmith.config import load_recipe
+
+    loaded = load_recipe(recipe)  # the recipe's own errors, before the merge's imports (torch)
     from mergesmith.api import check_merge
     from mergesmith.execute import peak_rss_bytes
     from mergesmith.io.writer import OutputTensor, parse_size, shard_layout
@@ -238,9 +244,6 @@ def _dry_run(recipe: Path, output: Path, *, overwrite: bool, max_shard_size: str
     plan = check_merge(recipe, output, overwrite=overwrite, adapter_rank=adapter_rank, damage=damage)
     size = plan.size()
     shards = shard_layout([OutputTensor(o.name, o.shape, o.out_dtype) for j in plan.jobs for o in j.outputs], limit)
-    from mergesmith.config import load_recipe
-
-    loaded = load_recipe(recipe)
     method = plan.method.name
     if loaded.merge_method != method:  # a layer-wise method, planned as the weighted average of its fallback
         method = (f"{loaded.merge_method} (layer by layer: each model's calibration data is run through the merged "

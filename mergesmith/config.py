@@ -21,16 +21,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
 from mergesmith.errors import RecipeError, did_you_mean
+from mergesmith.lazy import lazy_import
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+torch = lazy_import("torch")
+
+# a recipe's dtype names -> torch's (names, so that reading a recipe does not load torch)
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
+          "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # mergekit features we recognise but do not implement: an error beats a silently different merge.
 UNSUPPORTED = {
@@ -589,7 +592,7 @@ class Recipe(_Strict):
     @property
     def output_dtype(self) -> torch.dtype | None:
         name = self.out_dtype or self.dtype
-        return DTYPES[name] if name else None
+        return getattr(torch, DTYPES[name]) if name else None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)

@@ -19,11 +19,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from mergesmith.errors import MergeWarning, StatisticsError
+from mergesmith.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 # The jitter schedule for singular Cholesky factorisations, relative to mean(diag): 1e-10, 1e-9, ..., 1e-1.
 JITTER_EXPONENTS = tuple(range(-10, 0))

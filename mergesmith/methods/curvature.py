@@ -10,15 +10,18 @@ a tensor no model has the statistic for goes through the method's stated fallbac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from mergesmith.checks import value_range
 from mergesmith.errors import RecipeError, StatisticsError
+from mergesmith.lazy import lazy_import
 from mergesmith.methods.registry import Param, fixed, nonzero_weight_sum, points, register, weights_sum_to_zero
 from mergesmith.solve import kron_cg, solve_diagonal, solve_gram
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 # not task_arithmetic's WEIGHT: λ_i weighs a precision matrix, and Σ λ_i C_i is positive semi-definite only
 # for λ_i ≥ 0 (a negative weight would make the system indefinite and its solve fail or mislead)

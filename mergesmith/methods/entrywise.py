@@ -6,14 +6,17 @@ alone. Definitions follow mergekit 0.1.5's source (tests/test_mergekit_parity.py
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
+from mergesmith.lazy import lazy_import
 from mergesmith.methods.registry import Param, fixed, points, register
 from mergesmith.methods.sparsify import top_k_mask
 from mergesmith.methods.task_arithmetic import INT8_MASK, task_vectors
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 
 def sce_weights(deltas: Tensor) -> Tensor:
@@ -97,8 +100,8 @@ def floor_quantile(values: Tensor, q: float) -> Tensor:
 def fusion_importance(theta: Tensor, base: Tensor) -> Tensor:
     """Arcee Fusion's importance: |θ − θ_0| times KL(softmax(θ) ‖ softmax(θ_0)) along the last axis (one KL
     per row, each softmax + 1e-8)."""
-    p = F.softmax(theta, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
+    p = torch.nn.functional.softmax(theta, dim=-1) + 1e-8
+    q = torch.nn.functional.softmax(base, dim=-1) + 1e-8
     return (theta - base).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from mergesmith.errors import RecipeError
+from mergesmith.lazy import lazy_import
 from mergesmith.methods.registry import Param, fixed, points, register
 from mergesmith.methods.task_arithmetic import WEIGHT
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 
 def _unit(x: Tensor, eps: float) -> Tensor:

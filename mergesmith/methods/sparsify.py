@@ -8,9 +8,14 @@ equal magnitudes unspecified.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from mergesmith.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 BLOCK = 1 << 18  # entries per step of a fused elementwise loop: its working set stays in cache
 

@@ -10,12 +10,16 @@ implementations do. SVDs run in the compute dtype (float32 unless the recipe say
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from mergesmith.lazy import lazy_import
 from mergesmith.methods.registry import Param, fixed, points, register
 from mergesmith.methods.task_arithmetic import task_vectors
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
 
 ALPHA = Param("alpha", float, 1.0, interval=(-float("inf"), float("inf")),
               help="scale α of the merged task vector (θ_0 + α·Δ)")
@@ -142,7 +146,7 @@ def tsv_delta(deltas: Tensor) -> Tensor:
     return (polar(u_cat) * s.reshape(1, -1)) @ polar(v_cat)
 
 
-Factors = Sequence[tuple[Tensor, Tensor]]  # per task (left, right), left @ right = Δ_i: adapters over the base
+Factors = Sequence[tuple["Tensor", "Tensor"]]  # per task (left, right), left @ right = Δ_i: adapters over the base
 
 
 def _stacked(factors: Factors) -> tuple[Tensor, Tensor]:

@@ -8,11 +8,10 @@ with ``consensus_combine``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from mergesmith.errors import RecipeError
+from mergesmith.lazy import lazy_import
 from mergesmith.methods.registry import Param, fixed, nonzero_weight_sum, points, register, weights_sum_to_zero
 from mergesmith.methods.sparsify import (
     BLOCK,
@@ -27,8 +26,13 @@ from mergesmith.methods.sparsify import (
     top_magnitude_floor_,
 )
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
+
 # drops entries of τ_i in place (returns None), or returns a magnitude floor to apply later
-Sparsifier = Callable[[Tensor, int], "Tensor | None"]
+Sparsifier = Callable[["Tensor", int], "Tensor | None"]
 
 # float32 temporaries of TIES and breadcrumbs-TIES for plan.py's memory bound, (per input model, fixed): 4 inputs
 # + 2·4 + 2 = 14 output-sized copies for three models and a base, above the 13.4 measured at worst

@@ -487,8 +487,8 @@ def run_seed(suite: ModuleType, base: Path, work: Path, seed: int, *, quick: boo
             validation[task.name] = work / f"validation-{task.name}.jsonl"
             validation[task.name].write_text("".join(json.dumps({k: e[k] for k in ("text", "pixel_values", "label")
                                                                  if k in e}) + "\n" for e in task.val))
-        validation["settings"] = {"examples": max(len(t.val) for t in tasks),
-                                  **{k: measure_options[k] for k in ("max_length", "batch_size") if k in measure_options}}
+        lengths = {k: measure_options[k] for k in ("max_length", "batch_size") if k in measure_options}
+        validation["settings"] = {"examples": max(len(t.val) for t in tasks), **lengths}
 
     for row in rows:
         scores, seconds = [], []
