@@ -403,13 +403,31 @@ def test_the_rows_tuned_on_damage_are_named_by_their_labels_only():
 
     rows = protocol.variants(6)
     tuned = [r for r in rows if r.tune is not None]
-    assert [r.label for r in tuned] == ["task_arithmetic[damage]", "ties[damage]", "fisher[damage]"]
+    assert [r.label for r in tuned] == ["task_arithmetic[damage]", "ties[damage]", "fisher[damage]",
+                                        "task_arithmetic[validation]"]
     assert all(r.data_aware and len(r.grid) == 1 for r in tuned)
     assert [r.label for r in select(rows, ["ties"])] == ["ties"]  # the grid row, not the tuned one
     assert [r.label for r in select(rows, ["ties[damage]", "fisher"])] == ["fisher", "ties[damage]"]
     quick = {r.label: r.tune for r in protocol.variants(6, quick=True) if r.tune is not None}
     assert quick["ties[damage]"]["trials"] <= protocol.QUICK_TRIALS and quick["fisher[damage]"]["trials"] <= 4
     assert {r.label: r.tune for r in tuned}["ties[damage]"]["trials"] == 24
+
+
+def test_a_validation_tuned_rows_recipe_reads_each_tasks_split(tmp_path):
+    """Its tune: block names every fine-tune's validation file (what the seed wrote), with the seed's examples
+    and lengths, and parses as a recipe tuned on data."""
+    from mergesmith.config import parse_recipe
+
+    finetunes = {"a": tmp_path / "ft-a", "b": tmp_path / "ft-b"}
+    sidecars = {"a": tmp_path / "stats-a", "b": tmp_path / "stats-b"}
+    validation = {"a": tmp_path / "validation-a.jsonl", "b": tmp_path / "validation-b.jsonl",
+                  "settings": {"examples": 120, "max_length": 32, "batch_size": 16}}
+    row = {r.label: r for r in protocol.variants(2)}["task_arithmetic[validation]"]
+    recipe = protocol._recipe(row, row.grid[0], tmp_path / "start", finetunes, sidecars, validation=validation)
+    assert recipe["tune"]["data"] == {str(finetunes[t]): str(validation[t]) for t in ("a", "b")}
+    parsed = parse_recipe(recipe)
+    assert parsed.tune.goal == "loglik" and parsed.tune.examples == 120 and parsed.tune.max_length == 32
+    assert row.tune["data"] == protocol.VALIDATION_DATA  # the row itself, as the results record it, is unchanged
 
 
 def test_a_tuned_rows_recipe_names_the_start_and_its_tune_block(tmp_path):

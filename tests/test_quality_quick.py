@@ -81,7 +81,14 @@ def test_every_merge_row_has_its_predicted_damage_and_the_tuned_rows_their_value
             assert all(t >= 0 for t in seed["damage_total"][label].values())
     seed = runs["vision"][0]["per_seed"][0]
     tuned = {row["label"]: row for row in runs["vision"][0]["rows"] if row.get("tune")}
-    assert set(tuned) == {"task_arithmetic[damage]", "ties[damage]", "fisher[damage]"}
+    assert set(tuned) == {"task_arithmetic[damage]", "ties[damage]", "fisher[damage]", "task_arithmetic[validation]"}
+    on_validation = tuned.pop("task_arithmetic[validation]")
+    assert on_validation["tune"]["data"] == protocol.VALIDATION_DATA  # the results name the split, not files
+    weights = seed["chosen"]["task_arithmetic[validation]"]["weight"]
+    assert len(weights) == len(runs["vision"][0]["tasks"]) and all(0.0 <= w <= 1.5 for w in weights)
+    # the search maximised the validation log-likelihood: no worse than where it started
+    search = seed["tuning"]["task_arithmetic[validation]"]
+    assert search["after"] >= search["before"] - 1e-9 and 1 <= search["evaluations"] <= protocol.QUICK_TRIALS
     assert tuned["ties[damage]"]["tune"]["trials"] <= protocol.QUICK_TRIALS
     n = len(runs["vision"][0]["tasks"])
     assert len(seed["chosen"]["task_arithmetic[damage]"]["weight"]) == n  # the exact solve's weights
