@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -164,6 +165,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
         try:
             summary = execute(plan, writer.add, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
                               on_tensor=on_tensor)
+            finishing = time.perf_counter()
             files = writer.close()
         except BaseException:
             writer.abort()
@@ -178,6 +180,7 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
                                                 allow_nonfinite=allow_nonfinite))
         files += _write_kept_heads(plan, directory)
     summary.output, summary.files, summary.tuning = str(output), files, tuning
+    summary.stages.write, summary.stages.finish = writer.write_seconds, time.perf_counter() - finishing
     return summary
 
 

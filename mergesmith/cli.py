@@ -93,7 +93,10 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
                                    "is cut to its top RANK singular directions."),
           damage: bool = typer.Option(None, "--damage/--no-damage", help="Predict each model's loss increase from "
                                       "its sidecar (default: while merging, when the recipe names sidecars; with "
-                                      "--dry-run, --damage runs the merge without writing to predict it).")) -> None:
+                                      "--dry-run, --damage runs the merge without writing to predict it)."),
+          verbose: bool = typer.Option(False, "--verbose", help="Also print where the time went: each stage's "
+                                       "seconds (reading, merging, writing, and what the merge waited for).")
+          ) -> None:
     """Merge the models a RECIPE names into OUTPUT (a Hugging Face model directory, or a PEFT adapter)."""
     from mergesmith.config import load_recipe
 
@@ -127,7 +130,7 @@ def merge(recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe
         tuning.stop()
         progress.stop()
     if not quiet:
-        _print_summary(summary)
+        _print_summary(summary, verbose=verbose)
 
 
 def _tune_progress(quiet: bool) -> tuple[Progress, Callable[[int, int, str], None]]:
@@ -160,7 +163,7 @@ def _check_rank(output_adapter: bool, rank: int | None) -> None:
         raise UsageError(f"--rank {rank}: an adapter's rank is at least 1")
 
 
-def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
+def _print_summary(summary, verbose: bool = False) -> None:  # noqa: ANN001 — a MergeSummary
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("method", summary.method)
     table.add_row("models", ", ".join(summary.models))
@@ -185,6 +188,8 @@ def _print_summary(summary) -> None:  # noqa: ANN001 — a MergeSummary
         measuring = sum(t["measure_seconds"] for t in summary.layers)
         table.add_row("layer by layer", f"{len(seconds)} layers, {min(seconds):.2f}–{max(seconds):.2f} s each "
                       f"({measuring:.1f} of {sum(seconds):.1f} s measuring Gram matrices on the merged model)")
+    if verbose:
+        table.add_row("stages", summary.stages.line())
     table.add_row("output", summary.output)
     console.print(table)
     if summary.solver:

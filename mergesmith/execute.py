@@ -24,6 +24,28 @@ from mergesmith.plan import Job, Plan, TensorInput, seed_for
 
 
 @dataclass
+class Stages:
+    """Where a merge's seconds went: each thread's busy time, and what the computing thread waited for. The
+    stages overlap (three threads), so they add up to more than the wall time when the overlap works; the
+    largest busy stage bounds the merge."""
+
+    read: float = 0.0  # reader thread: reading and checking the inputs and statistics
+    waiting_for_reads: float = 0.0  # computing thread, idle until the reader hands it a job
+    compute: float = 0.0  # computing thread: the merge arithmetic, to the output dtype
+    damage: float = 0.0  # computing thread: predicting each model's damage
+    waiting_for_writer: float = 0.0  # computing thread, handing results over (the writer's queue was full)
+    write: float = 0.0  # writer thread: writing results to the shards
+    finish: float = 0.0  # after the last tensor: the last writes, config, tokenizer and model card
+
+    def line(self) -> str:
+        parts = [("read", self.read, " (reader thread)"), ("merge", self.compute, ""),
+                 ("damage", self.damage, ""), ("write", self.write, " (writer thread)"),
+                 ("waited for reads", self.waiting_for_reads, ""),
+                 ("waited for the writer", self.waiting_for_writer, ""), ("finish", self.finish, "")]
+        return ", ".join(f"{name} {seconds:.2f} s{where}" for name, seconds, where in parts)
+
+
+@dataclass
 class MergeSummary:
     method: str
     models: list[str]
@@ -40,6 +62,7 @@ class MergeSummary:
     damage: list[ModelDamage] = field(default_factory=list)  # each model's predicted loss increase (sidecars)
     tuning: Any = None  # a recipe's tune: block's result (mergesmith.tune.TuneResult)
     layers: list[dict[str, float]] = field(default_factory=list)  # a layer-wise merge: seconds per layer
+    stages: Stages = field(default_factory=Stages)
 
 
 def run_job(job: Job, tensors: list[torch.Tensor], *, device: torch.device, compute_dtype: torch.dtype,
@@ -94,12 +117,17 @@ def _from_block(job: Job, block: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool = True
-              ) -> Iterator[tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None, list[Any] | None, list[Any]]]:
+Loaded = tuple[Job, list[torch.Tensor], list[dict[str, Any]] | None, list[Any] | None, list[Any]]
+
+
+def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool = True,
+              stages: Stages | None = None) -> Iterator[Loaded]:
     """Yield each job with its loaded inputs, statistics, (a factored job) delta factors and, per output, what
     predicting its damage reads (``mergesmith.damage``; None without sidecars), reading ahead on a
     thread by at most ``depth`` jobs. With ``check_inputs``, a weight holding NaN or infinities is an error naming
-    model and tensor (checked here, on the reader's thread, where it overlaps the compute)."""
+    model and tensor (checked here, on the reader's thread, where it overlaps the compute). The reader's busy
+    time goes to ``stages.read``."""
+    stages = stages if stages is not None else Stages()
 
     def load(read: TensorInput) -> torch.Tensor:
         tensor = read.source.get(read.key)
@@ -115,12 +143,15 @@ def _prefetch(plan: Plan, depth: int, stop: threading.Event, check_inputs: bool 
             for job in plan.jobs:
                 if stop.is_set():
                     return
+                started = time.perf_counter()
                 stats = job.stats.load() if job.stats is not None else None
                 factors = [r.source.low_rank(r.key) for r in job.inputs] if job.factored else None
                 damage = [None if out.damage is None else
                           (out.damage.load(), None if out.damage.reference is None else load(out.damage.reference))
                           for out in job.outputs]
-                loaded.put((job, [load(r) for r in job.reads], stats, factors, damage))
+                item = (job, [load(r) for r in job.reads], stats, factors, damage)
+                stages.read += time.perf_counter() - started
+                loaded.put(item)
             loaded.put(None)
         except BaseException as e:  # re-raised on the consuming thread
             loaded.put(e)
@@ -156,25 +187,40 @@ def execute(plan: Plan, sink: Callable[[str, torch.Tensor], None], *, device: st
     # closing: on an error or an interrupt the reader thread is stopped and joined here, not left running
     # into interpreter shutdown (where a live thread reading a tensor aborts the process)
     meter = damage_meter(plan) if meter is None else meter
-    jobs = contextlib.closing(_prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite))
+    stages = Stages()
+    jobs = contextlib.closing(_prefetch(plan, prefetch, threading.Event(), check_inputs=not allow_nonfinite,
+                                        stages=stages))
     with jobs as loaded:
+        clock = time.perf_counter()
         for job, tensors, stats, factors, damage in loaded:
+            clock = _lap(stages, "waiting_for_reads", clock)
             bytes_read += sum(t.numel() * t.element_size() for t in tensors)
             report: dict[str, Any] = {}
             results = run_job(job, tensors, device=device, compute_dtype=compute_dtype, seed=seed, stats=stats,
                               report=report, check_result=not allow_nonfinite, factors=factors)
             if report:
                 reports[job.name] = report
+            clock = _lap(stages, "compute", clock)
             if meter is not None:
                 _predict_damage(meter, job, tensors, results, damage)
+                clock = _lap(stages, "damage", clock)
             for name, result in results.items():
                 bytes_written += result.numel() * result.element_size()
                 sink(name, result)
             if on_tensor is not None:
                 on_tensor(job)
+            clock = _lap(stages, "waiting_for_writer", clock)
     return MergeSummary(plan.method.name, [s.name for s in plan.sources], sum(len(j.outputs) for j in plan.jobs),
                         bytes_read, bytes_written, time.perf_counter() - start, peak_rss_bytes(), solver=reports,
-                        fallback=list(plan.fallback), damage=meter.report() if meter is not None else [])
+                        fallback=list(plan.fallback), damage=meter.report() if meter is not None else [],
+                        stages=stages)
+
+
+def _lap(stages: Stages, stage: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``stage``; returns now."""
+    now = time.perf_counter()
+    setattr(stages, stage, getattr(stages, stage) + now - since)
+    return now
 
 
 def damage_meter(plan: Plan) -> DamageMeter | None:

@@ -636,3 +636,33 @@ def test_bfloat16_inputs_are_combined_in_float32(method):
         divisor = (w * agree).sum(0)
         expected = x["base"] + (u * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
     torch.testing.assert_close(merged.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+def test_verbose_says_where_the_time_went(llama, write_recipe, run_cli, tmp_path):
+    recipe = {"merge_method": "ties", "base_model": str(llama["base"]), "parameters": {"density": 0.5},
+              "models": [{"model": str(llama[m])} for m in ("ft1", "ft2")]}
+    result = run_cli("merge", write_recipe(recipe), tmp_path / "out", "--verbose")
+    assert result.code == 0, result.stderr
+    stages = next(line for line in result.stderr.splitlines() if line.strip().startswith("stages"))
+    for stage in ("read", "merge", "damage", "write", "waited for reads", "waited for the writer", "finish"):
+        assert f"{stage} " in stages, stages
+
+
+def test_the_stages_account_for_the_computing_threads_time(llama, tmp_path):
+    """The computing thread's stages are consecutive laps of one clock, so they add up to at most its wall
+    time; a sink that sleeps shows up as waiting for the writer (sleep's lower bound is the OS's promise)."""
+    import time
+
+    from mergesmith.api import _plan
+    from mergesmith.config import parse_recipe
+    from mergesmith.execute import execute
+
+    recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(llama["base"]),
+                           "models": [{"model": str(llama[m])} for m in ("ft1", "ft2")]})
+    plan = _plan(recipe, "")
+    summary = execute(plan, lambda name, tensor: time.sleep(0.01))
+    stages = summary.stages
+    computing = stages.waiting_for_reads + stages.compute + stages.damage + stages.waiting_for_writer
+    assert computing <= summary.seconds
+    assert stages.waiting_for_writer >= 0.01 * summary.tensors
+    assert stages.read > 0 and stages.compute > 0 and stages.write == 0  # no writer thread here

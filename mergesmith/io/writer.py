@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,7 @@ class ShardedWriter:
                 os.close(fd)
             raise self._failure(e) from None
         self.bytes_written = 0
+        self.write_seconds = 0.0  # the writer thread's busy time
         self._written: set[str] = set()
         self._queue: queue.Queue = queue.Queue(maxsize=pending)
         self._error: BaseException | None = None
@@ -304,6 +306,7 @@ class ShardedWriter:
             if self._error is not None:
                 continue
             name, tensor = item
+            started = time.perf_counter()
             try:
                 fd, offset = self._where[name]
                 data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -312,6 +315,7 @@ class ShardedWriter:
                     done += os.pwrite(fd, data[done:], offset + done)
             except BaseException as e:  # surfaced on the main thread by add() or close()
                 self._error = e
+            self.write_seconds += time.perf_counter() - started
 
     def _failure(self, error: BaseException) -> BaseException:
         """What the user is told: a full disk or a vanished directory is theirs to fix, anything else ours."""
