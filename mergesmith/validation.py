@@ -45,8 +45,13 @@ class ValidationSet:
         plan = _plan(recipe, "", damage=False)
         state = self.network.state_dict()
         unknown = []
+        # with heads: each, every model's own head goes in before its data is scored, so the merge's head is
+        # never scored (and the network's head is the last model's, of its label space, from the trial before)
+        heads = {name for names in plan.kept_heads.values() for name in names}
 
         def into_network(name: str, tensor: Tensor) -> None:
+            if name in heads:
+                return
             target = state.get(name)
             if target is None or target.shape != tensor.shape:
                 unknown.append(name)

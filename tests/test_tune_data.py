@@ -126,6 +126,8 @@ def test_each_classifier_is_scored_with_its_own_head(classifiers, tmp_path):
             "models": [{"model": str(classifiers[m])} for m in ("ft1", "ft2")]}
     data = {str(classifiers[m]): str(classifiers[f"data-{m}"]) for m in ("ft1", "ft2")}
     validation = load_validation(parse_recipe(spec), data, batch_size=4)
+    validation.score(parse_recipe(spec), "loglik")
+    # a second trial: the network's head is now ft2's (3-way), where the merge's own head is the base's 2-way one
     got = validation.score(parse_recipe(spec), "loglik")
     merge(spec, tmp_path / "merged")
     body = {k: v for k, v in load_file(str(tmp_path / "merged" / "model.safetensors")).items()
