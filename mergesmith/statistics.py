@@ -23,7 +23,8 @@ from mergesmith.errors import MergeError, StatisticsError
 from mergesmith.methods.curvature import fisher_problem
 
 MODULE_KINDS = ("gram", "kfac_a", "kfac_g")
-DERIVED = {"fisher_norm": "fisher", "fisher_count": "fisher"}  # computed from the sidecar, not stored
+# computed from the sidecar, not stored: kind -> the stored kind it is computed from
+DERIVED = {"fisher_norm": "fisher", "fisher_count": "fisher", "gram_norm": "gram", "kfac_norm": "kfac_a"}
 
 
 class StatsSource(Protocol):
@@ -96,9 +97,24 @@ class Sidecar:
             self._norms[kind] = total ** 0.5
         return self._norms[kind]
 
+    def kronecker_norm(self) -> float:
+        """The Frobenius norm of the whole model's K-FAC precision, block-diagonal in its layers:
+        √(Σ_l ‖A_l ⊗ G_l‖²) = √(Σ_l ‖A_l‖² ‖G_l‖²) (read once, on first use)."""
+        if "kfac" not in self._norms:
+            total = 0.0
+            for key in sorted(k for k in self.keys if k.startswith("kfac_a/")):
+                other = "kfac_g/" + key.removeprefix("kfac_a/")
+                if other in self.keys:
+                    total += (float(self.source.get(key).double().square().sum())
+                              * float(self.source.get(other).double().square().sum()))
+            self._norms["kfac"] = total ** 0.5
+        return self._norms["kfac"]
+
     def value(self, kind: str, key: str) -> Any:
-        if kind == "fisher_norm":
-            return self.norm("fisher")
+        if kind in ("fisher_norm", "gram_norm"):
+            return self.norm(DERIVED[kind])
+        if kind == "kfac_norm":
+            return self.kronecker_norm()
         if kind == "fisher_count":
             return self.source.counts.get(key)
         tensor = self.source.get(key)

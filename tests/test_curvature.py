@@ -586,3 +586,77 @@ def test_merge_state_dicts_singular_gram_sum_warns_and_solves_the_range():
     assert_rel(w[:, keep], reduced, what="a.weight on the Gram's range vs the reduced solve")
     expected_b = gram_solve(WEIGHTS, [statistics[s]["gram/b"] for s in STATS], [states[m]["b.weight"] for m in MODELS])
     assert_rel(merged["b.weight"], expected_b, what="b.weight (non-singular) vs dense solve")
+
+
+# ---------------------------------------------------------------------- 7. MaTS with normalized precisions
+
+def frobenius(*tensors: torch.Tensor) -> float:
+    return float(sum(t.double().square().sum() for t in tensors)) ** 0.5
+
+
+def test_mats_precision_normalize_divides_each_models_precision_by_its_whole_model_norm():
+    """precision_normalize: global is the solve with every model's C_i divided by its norm: for K-FAC, scaling a
+    model's A ⊗ G by 1/c; for the Fisher, F_i / ‖F_i‖ — checked against dense solves of the pre-scaled systems, with
+    norms far apart (one model's statistics 10⁴ times the others', as measured on the text suite)."""
+    lambdas = [0.5, 1.0, 2.0]
+    base, tunes, a_factors, g_factors = kfac_models(seed=530)
+    g_factors = [g * c for g, c in zip(g_factors, (1.0, 1e4, 3.0))]
+    norms = [7.0, 2e4, 0.5]  # given: merge_tensors takes the whole-model norm as the engine supplies it
+    stats = [{"kfac_a": a, "kfac_g": g, "kfac_norm": n} for a, g, n in zip(a_factors, g_factors, norms)]
+    got = merge_tensors("mats", base, tunes, stats=stats, precision="kfac", init="average", tol=CG_TOL,
+                        damping=0.0, precision_normalize="global", model_parameters=per_model(weight=lambdas))
+    expected = dense_kron_merge(lambdas, [g / n for g, n in zip(g_factors, norms)], a_factors, tunes)
+    assert_rel(got, expected, what="mats kfac normalize: global vs the dense solve of the scaled factors")
+    plain = dense_kron_merge(lambdas, g_factors, a_factors, tunes)
+    assert float((plain - expected).abs().max()) > 1e-3  # the scales matter: not the same merge
+
+    fishers = [uniform((KOUT, KIN), 540 + i, 0.05, 2.0) * c for i, c in enumerate((1.0, 1e4, 3.0))]
+    stats = [{"fisher": f, "fisher_norm": n} for f, n in zip(fishers, norms)]
+    got = merge_tensors("mats", base, tunes, stats=stats, precision="fisher", init="average",
+                        precision_normalize="global", model_parameters=per_model(weight=lambdas))
+    scaled = [f / n for f, n in zip(fishers, norms)]
+    expected = sum(lam * f * t for lam, f, t in zip(lambdas, scaled, tunes)) / sum(
+        lam * f for lam, f in zip(lambdas, scaled))
+    assert_rel(got, expected, what="mats fisher normalize: global vs Σ λ F̂ θ / Σ λ F̂")
+
+
+@pytest.mark.parametrize("precision", ["kfac", "fisher", "gram"])
+def test_merge_state_dicts_mats_precision_normalize_reads_each_models_norm_from_its_whole_sidecar(precision):
+    """The engine supplies each model's norm over all of its sidecar's layers, not the tensor's own."""
+    states = tiny_states(seed=760)
+    statistics = {}
+    for i, s in enumerate(STATS):
+        scale = (1.0, 50.0, 0.2)[i]
+        statistics[s] = {"kfac_a/a": spd(4, 770 + 10 * i), "kfac_g/a": scale * spd(4, 771 + 10 * i),
+                         "kfac_a/b": spd(4, 772 + 10 * i), "kfac_g/b": scale * spd(2, 773 + 10 * i),
+                         "gram/a": scale * spd(3, 774 + 10 * i), "gram/b": scale * spd(4, 775 + 10 * i),
+                         **{f"fisher/{key}": scale * uniform(shape, 776 + 10 * i + j, 0.05, 1.0)
+                            for j, (key, shape) in enumerate(SHAPES.items())}}
+    parameters = {"precision": precision, "init": "average", "tol": CG_TOL, "damping": 0.0,
+                  "precision_normalize": "global"}
+    merged = merge_state_dicts(recipe("mats", parameters), states, statistics=statistics, compute_dtype=F64)
+    st = [statistics[s] for s in STATS]
+    for module in ("a", "b"):
+        if precision == "kfac":
+            norms = [(frobenius(x["kfac_a/a"]) ** 2 * frobenius(x["kfac_g/a"]) ** 2
+                      + frobenius(x["kfac_a/b"]) ** 2 * frobenius(x["kfac_g/b"]) ** 2) ** 0.5 for x in st]
+            if module == "a":  # [W | b] solved jointly
+                blocks = [torch.cat([states[m]["a.weight"], states[m]["a.bias"][:, None]], dim=1) for m in MODELS]
+            else:
+                blocks = [states[m]["b.weight"] for m in MODELS]
+            expected = dense_kron_merge(WEIGHTS, [x[f"kfac_g/{module}"] / n for x, n in zip(st, norms)],
+                                        [x[f"kfac_a/{module}"] for x in st], blocks)
+            assert_rel(merged[f"{module}.weight"], expected[:, :3] if module == "a" else expected,
+                       what=f"kfac {module}")
+        elif precision == "gram":
+            norms = [frobenius(x["gram/a"], x["gram/b"]) for x in st]
+            expected = gram_solve(WEIGHTS, [x[f"gram/{module}"] / n for x, n in zip(st, norms)],
+                                  [states[m][f"{module}.weight"] for m in MODELS])
+            assert_rel(merged[f"{module}.weight"], expected, what=f"gram {module}")
+        else:
+            norms = [frobenius(*(x[f"fisher/{k}"] for k in SHAPES)) for x in st]
+            key = f"{module}.weight"
+            scaled = [x[f"fisher/{key}"] / n for x, n in zip(st, norms)]
+            expected = sum(w * f * states[m][key] for w, f, m in zip(WEIGHTS, scaled, MODELS)) / sum(
+                w * f for w, f in zip(WEIGHTS, scaled))
+            assert_rel(merged[key], expected, what=f"fisher {key}")

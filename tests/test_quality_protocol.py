@@ -244,7 +244,8 @@ def test_only_the_named_methods_or_rows_are_run():
     from mergesmith.quality import select
 
     rows = protocol.variants(6)
-    assert {r.label for r in select(rows, ["mats"])} == {"mats[fisher]", "mats[gram]", "mats[kfac]"}
+    assert {r.label for r in select(rows, ["mats"])} == {"mats[fisher]", "mats[gram]", "mats[kfac]",
+                                                        "mats[fisher-normalized]", "mats[kfac-normalized]"}
     assert [r.label for r in select(rows, ["mats[kfac]", "ties"])] == [
         r.label for r in rows if r.label in ("mats[kfac]", "ties")]
     with pytest.raises(UsageError, match="'tsvv'"):

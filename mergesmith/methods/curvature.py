@@ -179,8 +179,16 @@ def regmean_plusplus(base: Tensor | None, tensors: Sequence[Tensor], *, weight: 
                    name=name)
 
 
+_MATS_KINDS = {"identity": (), "fisher": ("fisher",), "gram": ("gram",), "kfac": ("kfac_a", "kfac_g")}
+# each precision's whole-model norm, supplied by the engine per model (mergesmith.statistics.DERIVED)
+_MATS_NORMS = {"fisher": "fisher_norm", "gram": "gram_norm", "kfac": "kfac_norm"}
+
+
 def _mats_needs(kwargs: dict[str, Any]) -> tuple[str, ...]:
-    return {"identity": (), "fisher": ("fisher",), "gram": ("gram",), "kfac": ("kfac_a", "kfac_g")}[kwargs["precision"]]
+    kinds = _MATS_KINDS[kwargs["precision"]]
+    if kwargs.get("precision_normalize", "none") == "global" and kwargs["precision"] in _MATS_NORMS:
+        return (*kinds, _MATS_NORMS[kwargs["precision"]])
+    return kinds
 
 
 def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str | None:
@@ -197,7 +205,14 @@ def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str
               "mats[fisher]": [*points(precision=["fisher"], init=["task_arithmetic"], **{"lambda": [0.1, 0.3, 1.0]}),
                                *points(precision=["fisher"], init=["average", "base"])],
               "mats[gram]": [{"precision": "gram"}],  # an exact solve with nothing to set (RegMean at α = 1)
-              "mats[kfac]": points(precision=["kfac"], damping=[1e-3, 1e-2, 1e-1], **{"lambda": [0.1, 0.5]})}),
+              "mats[kfac]": points(precision=["kfac"], damping=[1e-3, 1e-2, 1e-1], **{"lambda": [0.1, 0.5]}),
+              # every model's precision at one scale (issue 12, item 0: one fine-tune's Fisher was 10²-10⁶ the others')
+              "mats[fisher-normalized]": [
+                  *points(precision=["fisher"], precision_normalize=["global"], init=["task_arithmetic"],
+                          **{"lambda": [0.1, 0.3, 1.0]}),
+                  *points(precision=["fisher"], precision_normalize=["global"], init=["average", "base"])],
+              "mats[kfac-normalized]": points(precision=["kfac"], precision_normalize=["global"],
+                                              damping=[1e-3, 1e-2, 1e-1], **{"lambda": [0.1, 0.5]})}),
           params=[
     WEIGHT,
     Param("precision", str, "kfac", choices=("identity", "fisher", "gram", "kfac"), help="the precision C_i"),
@@ -211,10 +226,12 @@ def _validate_mats(kwargs: dict[str, Any], has_base: bool, n_models: int) -> str
     Param("preconditioner", bool, True, help="precondition CG with the mean factors' Kronecker product"),
     Param("damping", float, 1e-3, interval=(0.0, float("inf")),
           help="K-FAC damping δ: each factor F gets δ·mean(diag F) added to its diagonal"),
+    Param("precision_normalize", str, "none", choices=("none", "global"),
+          help="global: divide each model's precision C_i by its Frobenius norm over the whole model"),
 ])
 def mats(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[float], precision: str, init: str,
-         scale: float, max_iters: int, tol: float, preconditioner: bool, damping: float, stats: Stats,
-         base_stats: dict, name: str, report: dict[str, Any] | None = None) -> Tensor:
+         scale: float, max_iters: int, tol: float, preconditioner: bool, damping: float, precision_normalize: str,
+         stats: Stats, base_stats: dict, name: str, report: dict[str, Any] | None = None) -> Tensor:
     """MaTS (Tam et al.): solve (Σ_i λ_i C_i) θ = Σ_i λ_i C_i θ_i with C_i the identity (the weighted
     average), the diagonal Fisher (elementwise), the Gram matrix G_i ⊗ I (Cholesky, as RegMean) or K-FAC
     A_i ⊗ G_i, i.e. C_i(W) = G_i W A_i, by (preconditioned) conjugate gradient from ``init``: θ_0 + λ Σ_i τ_i,
@@ -225,21 +242,30 @@ def mats(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[flo
     K-FAC factors measured on little data are singular (rank ≤ rows), so the system has no unique solution
     and CG in finite precision breaks down on it. ``damping`` δ makes each factor positive definite, F ←
     F + δ·mean(diag F)·I, K-FAC's usual Tikhonov damping (0 solves the system exactly as given); CG runs in
-    float64 whatever the compute dtype (float32 on MPS)."""
+    float64 whatever the compute dtype (float32 on MPS).
+
+    ``precision_normalize: global`` divides each model's C_i by its Frobenius norm over the whole model — ‖F_i‖,
+    the Gram matrices' √(Σ_l ‖G_l‖²), K-FAC's √(Σ_l ‖A_l‖²‖G_l‖²) — so that a model whose gradients are larger
+    (a less confident fine-tune) does not take the merge over by its statistics' scale alone (docs/quality.md,
+    "Why the Fisher-weighted merges fall behind")."""
     average = weighted_average(tensors, weight)
-    kinds = _mats_needs({"precision": precision})
+    kinds = _MATS_KINDS[precision]
     if not kinds or any(statistic(stats, kind, name) is None for kind in kinds):
         return average
     start = _mats_start(base, tensors, average, init, scale, name)
+    scales = (_precision_norms(stats, precision, name) if precision_normalize == "global"
+              else [1.0] * len(tensors))
     if precision == "fisher":
-        fishers = [checked_fisher(f.to(average), i, name) for i, f in enumerate(statistic(stats, "fisher", name))]
+        fishers = [checked_fisher(f.to(average), i, name) / c
+                   for i, (f, c) in enumerate(zip(statistic(stats, "fisher", name), scales))]
         total = sum(w * f for w, f in zip(weight, fishers))
         return solve_diagonal(total, sum(w * f * t for w, f, t in zip(weight, fishers, tensors)), fallback=start)
     if precision == "gram":
-        return gram_solve(tensors, statistic(stats, "gram", name), weight, 1.0, name)
+        grams = [g / c for g, c in zip(statistic(stats, "gram", name), scales)]
+        return gram_solve(tensors, grams, weight, 1.0, name)
     wide = torch.float32 if average.device.type == "mps" else torch.float64
     a_factors = [damped(a.to(wide), damping) for a in statistic(stats, "kfac_a", name)]
-    g_factors = [damped(g.to(wide), damping) for g in statistic(stats, "kfac_g", name)]
+    g_factors = [damped(g.to(wide), damping) / c for g, c in zip(statistic(stats, "kfac_g", name), scales)]
     rhs = sum(w * g @ t.to(wide) @ a for w, a, g, t in zip(weight, a_factors, g_factors, tensors))
     merged, outcome = kron_cg(a_factors, g_factors, rhs, weights=list(weight), x0=start.to(wide),
                               precondition=preconditioner, max_iters=max_iters, tol=tol, name=name)
@@ -247,6 +273,18 @@ def mats(base: Tensor | None, tensors: Sequence[Tensor], *, weight: Sequence[flo
         report.update(iterations=outcome.iterations, initial_residual=float(outcome.initial_residual.max()),
                       final_residual=float(outcome.final_residual.max()))
     return merged.to(average.dtype)
+
+
+def _precision_norms(stats: Stats, precision: str, name: str) -> list[float]:
+    """Each model's whole-model precision norm (1 where it is 0: a model that cares about nothing stays so)."""
+    norms = []
+    for i, s in enumerate(stats):
+        norm = s.get(_MATS_NORMS[precision])
+        if norm is None:
+            raise StatisticsError(f"'{name}': model {i} has no {_MATS_NORMS[precision]} for "
+                                  f"precision_normalize: global")
+        norms.append(float(norm) if float(norm) > 0 else 1.0)
+    return norms
 
 
 def damped(factor: Tensor, damping: float) -> Tensor:
