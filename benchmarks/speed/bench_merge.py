@@ -4,6 +4,10 @@ Generates a base and three fine-tunes once (cached in --work-dir) and one recipe
 floor, then times `mergesmith merge` (and `mergekit-yaml` with --mergekit) as subprocesses, with peak RSS.
 
     python benchmarks/speed/bench_merge.py [--layers 2 --repeats 1] [--mergekit VENV/bin/mergekit-yaml]
+
+mergesmith runs with --verbose: each run's stage line (reader thread, merge arithmetic, writer thread, and the
+computing thread's waits) goes into results.json and a stage table into results.md, the profile of what bounds
+each merge.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-SHARD_BYTES = 200 * 10**6
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi")
 DEFAULT_METHODS = METHODS[:4]
 MERGEKIT_METHODS = set(METHODS[:4])  # the subspace merges are mergesmith's own: no mergekit column
@@ -62,11 +65,11 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return specs + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
-def shard_plan(specs: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str, tuple[int, ...]]]]:
+def shard_plan(specs: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     shards, size = [[]], 0
     for name, shape in specs:
         nbytes = 2 * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes > shard_bytes:
             shards, size = [*shards, []], 0
         shards[-1].append((name, shape))
         size += nbytes
@@ -76,13 +79,14 @@ def shard_plan(specs: list[tuple[str, tuple[int, ...]]]) -> list[list[tuple[str,
 def generate(args: argparse.Namespace) -> dict[str, Path]:
     """Base + fine-tunes under work/models-<layers>L; regenerated only when the config changes."""
     cfg = llama_config(args)
-    root = args.work_dir / f"models-{args.hidden}h-{args.layers}L"
+    suffix = "" if args.shard_mb == 200 else f"-{args.shard_mb}MB"  # the first runs' folders keep their names
+    root = args.work_dir / f"models-{args.hidden}h-{args.layers}L{suffix}"
     dirs = {name: root / name for name in ("base", *FINETUNES)}
     marker = root / "complete.json"
     if marker.exists() and json.loads(marker.read_text()) == cfg:
         return dirs
     shutil.rmtree(root, ignore_errors=True)
-    shards = shard_plan(tensor_specs(cfg))
+    shards = shard_plan(tensor_specs(cfg), args.shard_mb * 10**6)
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     total = sum(2 * torch.Size(s).numel() for _, s in tensor_specs(cfg))
     weight_map = {name: file for shard, file in zip(shards, files) for name, _ in shard}
@@ -145,13 +149,24 @@ def time_write(nbytes: int, path: Path, buf: bytearray) -> float:
     return elapsed
 
 
+STAGE = re.compile(r"(read|merge|damage|write|waited for reads|waited for the writer|finish) ([0-9.]+) s")
+
+
+def stages_of(log: str) -> dict[str, float]:
+    """The stage seconds of mergesmith's --verbose summary line ({} when the log has none)."""
+    line = next((ln for ln in log.splitlines() if ln.strip().startswith("stages")), "")
+    return {name: float(seconds) for name, seconds in STAGE.findall(line)}
+
+
 def run_timed(cmd: list[str], log: Path) -> dict:
     """Wall time, CPU time, minor page faults and peak RSS (child process tree) of one subprocess."""
     gnu_time = shutil.which("time", path="/usr/bin")
     before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
     with open(log, "w") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([gnu_time, "-v", *cmd] if gnu_time else cmd, cwd=REPO, stdout=err, stderr=err)
+        # a wide console: the summary's stage line stays on one line in the log
+        proc = subprocess.Popen([gnu_time, "-v", *cmd] if gnu_time else cmd, cwd=REPO, stdout=err, stderr=err,
+                                env={**os.environ, "COLUMNS": "400"})
         ps, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:  # without GNU time: poll the tree's RSS every 20 ms
             if not gnu_time:
@@ -165,7 +180,8 @@ def run_timed(cmd: list[str], log: Path) -> dict:
         peak = int(match[-1]) * 1024 if match else 0
     user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     return {"wall_s": wall, "cpu_s": user + sys_, "user_s": user, "sys_s": sys_, "peak_rss_bytes": peak,
-            "minor_faults": after.ru_minflt - before.ru_minflt, "loadavg_before": load, "rc": proc.returncode}
+            "minor_faults": after.ru_minflt - before.ru_minflt, "loadavg_before": load, "rc": proc.returncode,
+            "stages": stages_of(log.read_text())}
 
 
 def bench(tools: dict, recipes: dict[str, Path], args: argparse.Namespace) -> dict[str, dict]:
@@ -219,6 +235,23 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+STAGE_COLUMNS = ("read", "merge", "write", "waited for reads", "waited for the writer", "finish")
+
+
+def stage_table(ms: dict[str, dict]) -> list[str]:
+    """mergesmith's stages per method, medians over the runs (seconds; the reader, computing and writer threads
+    overlap, so the largest busy stage — read, merge or write — is what bounds the wall time)."""
+    rows = ["mergesmith's stages (`--verbose`), median seconds: read = the reader thread's busy time, merge = the "
+            "arithmetic, write = the writer thread's; the waits are the computing thread's.", "",
+            "| method | " + " | ".join(STAGE_COLUMNS) + " |", "|---" * (len(STAGE_COLUMNS) + 1) + "|"]
+    for method, result in ms.items():
+        runs = [r["stages"] for r in result["runs"] if r.get("stages")]
+        if runs:
+            rows.append(f"| {method} | " + " | ".join(fmt(statistics.median(r.get(c, 0.0) for r in runs))
+                                                      for c in STAGE_COLUMNS) + " |")
+    return rows if len(rows) > 4 else []
+
+
 def report(args, info, floors, ms, mk, command) -> str:
     rows = ["| method | mergesmith wall s | mergesmith CPU s | mergesmith peak RSS GB | ratio to I/O floor "
             "| I/O floor s | mergekit wall s | mergekit CPU s | mergekit peak RSS GB | speed-up |", "|---" * 10 + "|"]
@@ -236,12 +269,13 @@ def report(args, info, floors, ms, mk, command) -> str:
     return "\n".join([
         "# mergesmith speed benchmark", "",
         f"Inputs: Llama-shaped bf16 checkpoints, {args.layers} layers, hidden {args.hidden}, "
-        f"{args.model_bytes / 1e9:.2f} GB per model in 200 MB shards; output bf16, 200 MB shards. "
+        f"{args.model_bytes / 1e9:.2f} GB per model in {args.shard_mb} MB shards; output bf16, {args.shard_mb} MB "
+        "shards. "
         f"Median wall and CPU (user+sys) time of {args.repeats} run(s), max peak RSS (child process tree); "
         "speed-up = mergekit wall / mergesmith wall.", "",
         "I/O floor = read every input shard once from a warm page cache + write one model's bytes "
         f"(no fsync). Read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s.", "",
-        *rows, "",
+        *rows, "", *stage_table(ms), "",
         f"1-minute load average before a run: {min(loads, default=0):.2f} to {max(loads, default=0):.2f} "
         f"(above {os.cpu_count()} means other work shared the CPUs and wall times are inflated). Start-up "
         "(`--help`) wall time, part of every run: " + ", ".join(f"{t} {s:.1f} s" for t, s in args.startup.items())
@@ -258,6 +292,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shard-mb", type=int, default=200, help="input and output shard size, MB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
                     help="default: the four mergekit shares; add tsv iso_c iso_cts wudi for the subspace merges")
@@ -285,10 +320,10 @@ def main() -> None:
     print(f"I/O floor: read {args.read_gbps:.2f} GB/s, write {args.write_gbps:.2f} GB/s; {floors['ties']:.2f} s")
 
     tools = {"mergesmith": lambda r, o: [sys.executable, "-m", "mergesmith.cli", "merge", str(r), str(o),
-                                         "--overwrite", "--max-shard-size", "200MB", "--quiet"]}
+                                         "--overwrite", "--max-shard-size", f"{args.shard_mb}MB", "--verbose"]}
     if args.mergekit:  # 0.1.5 reads --out-shard-size as bytes, whatever its --help says
         tools["mergekit"] = lambda r, o: ["env", "HF_HUB_OFFLINE=1", args.mergekit, str(r), str(o),
-                                          "--out-shard-size", "200M", "--lazy-unpickle", "--allow-crimes",
+                                          "--out-shard-size", f"{args.shard_mb}M", "--lazy-unpickle", "--allow-crimes",
                                           "--no-copy-tokenizer", "--device", "cpu", "--random-seed", "0", "--quiet"]
     helps = {"mergesmith": [sys.executable, "-m", "mergesmith.cli", "--help"], "mergekit": [args.mergekit, "--help"]}
     args.startup = {t: statistics.median(run_timed(helps[t], args.work_dir / "help.log")["wall_s"]
