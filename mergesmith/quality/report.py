@@ -59,6 +59,17 @@ def data_aware(results: dict[str, Any]) -> set[str]:
     return {row["label"] for row in results["rows"] if row["data_aware"]}
 
 
+def row_kind(results: dict[str, Any], row: str) -> str:
+    """reference, tuned on damage, tuned on validation, data-aware or data-free."""
+    if row in REFERENCES:
+        return "reference"
+    info = next(r for r in results["rows"] if r["label"] == row)
+    tune = info.get("tune")
+    if tune:
+        return "tuned on validation" if "data" in tune else "tuned on damage"
+    return "data-aware" if info["data_aware"] else "data-free"
+
+
 # ---- predicted damage against measured loss ----------------------------------------------------------------
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -249,10 +260,7 @@ def markdown(results: dict[str, Any]) -> str:
     order = [*REFERENCES, *sorted(rows, key=lambda r: -row_stats(results, r)["normalised"])]
     for row in order:
         s = row_stats(results, row)
-        tune = info[row].get("tune") if row in info else None
-        kind = "reference" if row in REFERENCES else (
-            ("tuned on validation" if "data" in tune else "tuned on damage") if tune else
-            "data-aware" if info[row]["data_aware"] else "data-free")
+        kind = row_kind(results, row)
         grid = str(len(info[row]["grid"])) if row in info else ""
         seconds = f"{merge_seconds[row]:.1f}" if row in merge_seconds else ""
         out.append(f"| {row} | {kind} | {grid} | {s['normalised']:.1f} ± {s['normalised_spread']:.1f} | "
@@ -420,11 +428,10 @@ def summary_table(suites: list[dict[str, Any]]) -> str:
     for results in suites:
         rows += [r for r in sorted(merge_rows(results), key=lambda r: -row_stats(results, r)["normalised"])
                  if r not in rows]
-    aware = set().union(*(data_aware(r) for r in suites))
     header = "| model | kind | " + " | ".join(f"{r['suite']} normalised % | {r['suite']} absolute %" for r in suites)
     lines = [header + " |", "|---|---|" + "---:|---:|" * len(suites)]
     for row in rows:
-        kind = "reference" if row in REFERENCES else "data-aware" if row in aware else "data-free"
+        kind = row_kind(next(r for r in suites if row in REFERENCES or row in merge_rows(r)), row)
         cells = []
         for results in suites:
             if row in REFERENCES or row in merge_rows(results):
