@@ -170,15 +170,11 @@ def merge(recipe: Recipe | Mapping[str, Any] | str | Path, output: str | Path, *
         except BaseException:
             writer.abort()
             raise
-        write_config(config_dir, directory, layers=_layer_change(plan), dtype=_output_dtype(plan))
-        copy_tokenizer(tokenizer_dir, directory)
         base = recipe.base_model if plan.method.base != "ignored" else None  # an unused base is no base
-        models = sorted({s.name for s in plan.sources} - {base})
-        write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=plan.method.name, base_model=base,
-                         models=models, notes=notes + damage_card(summary.damage),
-                         reproduce=reproduction(recipe, plan, seed=seed, device=device,
-                                                allow_nonfinite=allow_nonfinite))
-        files += _write_kept_heads(plan, directory)
+        files += finish_output(directory, recipe, plan, config_dir, tokenizer_dir, method=plan.method.name,
+                               base=base, models=sorted({s.name for s in plan.sources} - {base}),
+                               notes=notes + damage_card(summary.damage), seed=seed, device=device,
+                               allow_nonfinite=allow_nonfinite)
     summary.output, summary.files, summary.tuning = str(output), files, tuning
     summary.stages.write, summary.stages.finish = writer.write_seconds, time.perf_counter() - finishing
     return summary
@@ -375,6 +371,19 @@ def reproduction(recipe: Recipe, plan: Plan, *, seed: int, device: str, allow_no
                **(extra or {})}
     return {"options": options, "defaults": defaults,
             "versions": {p: installed(p) for p in ("mergesmith", "torch", "safetensors")}}
+
+
+def finish_output(directory: Path, recipe: Recipe, plan: Plan, config_dir: Path | None, tokenizer_dir: Path | None,
+                  *, method: str, base: str | None, models: list[str], notes: list[str], seed: int, device: str,
+                  allow_nonfinite: bool) -> list[str]:
+    """What a full-model output holds besides its shards: the config, the tokenizer, the model card and the
+    kept heads (their files are returned)."""
+    write_config(config_dir, directory, layers=_layer_change(plan), dtype=_output_dtype(plan))
+    copy_tokenizer(tokenizer_dir, directory)
+    write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=method, base_model=base, models=models,
+                     notes=notes, reproduce=reproduction(recipe, plan, seed=seed, device=device,
+                                                         allow_nonfinite=allow_nonfinite))
+    return _write_kept_heads(plan, directory)
 
 
 def _write_kept_heads(plan: Plan, directory: Path) -> list[str]:

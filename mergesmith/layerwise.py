@@ -95,16 +95,8 @@ def merge_layerwise(recipe: Recipe, label: str, output: Path, *, device: str = "
     """``merge`` for a layer-wise method: checks, then the tensors outside the layer stack (weighted average),
     then layer by layer, each written as soon as it is merged; the directory, config, tokenizer, heads and card
     as for any merge."""
-    from mergesmith.api import (
-        _checked,
-        _layer_change,
-        _output_dtype,
-        _protected,
-        _write_kept_heads,
-        reproduction,
-    )
+    from mergesmith.api import _checked, _protected, finish_output
     from mergesmith.execute import MergeSummary, execute, peak_rss_bytes
-    from mergesmith.io.card import copy_tokenizer, write_config, write_model_card
     from mergesmith.io.writer import OutputTensor, ShardedWriter, atomic_output_dir
     from mergesmith.validation import model_batches
 
@@ -176,13 +168,9 @@ def merge_layerwise(recipe: Recipe, label: str, output: Path, *, device: str = "
         except BaseException:
             writer.abort()
             raise
-        write_config(config_dir, directory, layers=_layer_change(plan), dtype=_output_dtype(plan))
-        copy_tokenizer(tokenizer_dir, directory)
-        base = recipe.base_model
-        write_model_card(directory, recipe_yaml=recipe.to_yaml(), method=recipe.merge_method, base_model=base,
-                         models=sorted(set(models) - {base}), notes=_card(timings, data),
-                         reproduce=reproduction(recipe, plan, seed=seed, device=device, allow_nonfinite=False))
-        files += _write_kept_heads(plan, directory)
+        files += finish_output(directory, recipe, plan, config_dir, tokenizer_dir, method=recipe.merge_method,
+                               base=recipe.base_model, models=sorted(set(models) - {recipe.base_model}),
+                               notes=_card(timings, data), seed=seed, device=device, allow_nonfinite=False)
     return MergeSummary(recipe.merge_method, models, len(outputs), summary.bytes_read, writer.bytes_written,
                         time.perf_counter() - started, peak_rss_bytes(), output=str(output), files=files,
                         layers=timings)
