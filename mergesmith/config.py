@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
-from mergesmith.errors import RecipeError, did_you_mean
+from mergesmith.errors import RecipeError, did_you_mean, short
 from mergesmith.lazy import lazy_import
 
 torch = lazy_import("torch")
@@ -42,14 +41,6 @@ UNSUPPORTED = {
     "chat_template": "'chat_template'",
     "residual_weight": "'residual_weight' on slices",
 }
-
-_short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 40, 40, 6, 4, 3
-
-
-def short(value: Any) -> str:
-    """A bounded repr for error messages (a value may be a huge or aliased YAML structure)."""
-    return _short.repr(value)
 
 
 # ---------------------------------------------------------------------------------------------------------

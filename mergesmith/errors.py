@@ -10,7 +10,9 @@ user's mistakes.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
+from typing import Any
 
 
 class MergeError(Exception):
@@ -39,6 +41,15 @@ class OutputError(MergeError):
 
 class UsageError(MergeError):
     """A command-line option: misspelt, missing, or out of range."""
+
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 40, 40, 6, 4, 3
+
+
+def short(value: Any) -> str:
+    """A bounded repr for error messages (a value may be a huge or aliased YAML structure)."""
+    return _short.repr(value)
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:

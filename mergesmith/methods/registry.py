@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mergesmith.config import short
-from mergesmith.errors import RecipeError, did_you_mean
+from mergesmith.errors import RecipeError, did_you_mean, short
 
 REQUIRED: Any = object()
 # |Σ w_i| below this is a zero sum: a weighted average over it is undefined (one threshold for every method)
